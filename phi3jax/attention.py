@@ -82,6 +82,15 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     if q_bthd.shape[2] % k_bskd.shape[2]:
         raise ValueError(f"{q_bthd.shape[2]} query heads cannot share {k_bskd.shape[2]} kv heads")
     resolve_impl(impl)
+    if q_offset_b is None and kv_segment_ids_bs is None and q_bthd.shape[1] == k_bskd.shape[1]:
+        # Under a mesh that splits sequences (phi3jax.sharding, mesh.sequence > 1), self-attention
+        # runs as ring attention so no device ever holds a whole sequence's keys.
+        from phi3jax import ring_attention as ring
+
+        mesh = ring.sequence_parallel_mesh()
+        if mesh is not None:
+            return ring.ring_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=q_segment_ids_bt, causal=causal,
+                                       sliding_window=sliding_window, mesh=mesh)
     return xla_attention(q_bthd, k_bskd, v_bskd, q_offset_b=q_offset_b,
                          q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
                          causal=causal, sliding_window=sliding_window)

@@ -175,7 +175,9 @@ class Phi3(nn.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), _normal(cfg))
-        x = jnp.take(embed, tokens_bt, axis=0).astype(dt)
+        # Gather the table's ZeRO-3 shards before the lookup (as the matmuls do implicitly), so the
+        # lookup's output can take the activations' layout without a full rematerialisation.
+        x = jnp.take(nn.with_logical_constraint(embed, ("vocab", ACT_EMBED)), tokens_bt, axis=0).astype(dt)
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         cos, sin = rope.rope_tables(cfg, positions_bt, long_rope, dt)
 

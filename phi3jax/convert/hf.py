@@ -218,11 +218,15 @@ def validate_hf_tensors(reader: SafetensorsReader, cfg: Phi3Config) -> str:
     raise AssertionError("unreachable")
 
 
-def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[Phi3Config, Params]:
+def load_hf(directory: str | os.PathLike, dtype: str | None = None, mesh: Any = None
+            ) -> tuple[Phi3Config, Params]:
     """Read a Hugging Face Phi-3 directory into (config, params).
 
     dtype: parameter dtype to load as (default: the checkpoint's own). The config's compute
     dtype follows it. Tensors are read one at a time; stacked layer leaves are filled slice by slice.
+    mesh: a `jax.sharding.Mesh` (phi3jax.sharding.make_mesh): every parameter is placed per the
+    sharding rules, each device's block read straight from the safetensors files (see
+    `phi3jax.convert.hf_sharded`); no process reads more than its own devices hold.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -233,6 +237,10 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[Phi
     dtype = dtype or stored
     target = np_dtype(dtype)
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    if mesh is not None:
+        from phi3jax.convert.hf_sharded import load_sharded
+
+        return cfg, load_sharded(reader.files, cfg, target, mesh)
 
     def get(name: str) -> np.ndarray:
         return reader.get(name).astype(target, copy=False)

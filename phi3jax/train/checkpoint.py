@@ -107,11 +107,13 @@ def save_params(run_dir: str, step: int, params: Params, cfg: Phi3Config) -> Non
 
 
 def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = None) -> Params:
-    """Params of a checkpoint step, cast to cfg.param_dtype, placed per `shardings` if given."""
+    """Params of a checkpoint step, cast to cfg.param_dtype, placed per `shardings` if given
+    (else on this process's first device, whatever topology saved them: a pod's checkpoint
+    loads on a laptop)."""
     abstract = abstract_params(cfg)
-    if shardings is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with checkpoint_manager(run_dir, async_save=False) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     return restored["params"]

@@ -1,0 +1,453 @@
+"""`phi3jax plan`: compile the real train step for a TPU topology before renting it.
+
+libtpu (from pip) can run the TPU compiler on a machine without TPUs: jax's
+`get_topology_desc` describes, say, a v5e 16x16 pod as compile-only devices, the sharded
+train step is lowered on abstract shapes (no weights are ever created) and compiled for it.
+What the compiler reports is what the pod would do:
+
+  * per-device memory from the compile's buffer assignment (arguments, outputs, temporaries),
+    with parameters, optimiser state and batch broken out from their shardings;
+  * whether that fits the chip's HBM (a step that does not fit fails to compile: the report
+    then carries the compiler's own numbers);
+  * the step's FLOPs from the compile's cost analysis, and the time they take at peak.
+
+GPU targets (h100:N) are estimated from the CPU compiler on N host devices and labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GiB = 2**30
+
+
+class PlanError(ValueError):
+    """A plan request that cannot be carried out (unknown target, bad mesh, bad config)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+    dims: int  # 2 for the 2-D tori (v5e, v6e), 3 for v4 / v5p
+    topology_prefix: str  # what libtpu's topology names start with
+    chip_config: str  # 'megacore': one JAX device per chip (two TensorCores fused)
+    cores_per_chip_in_name: int  # 'v5p-8' counts TensorCores, 'v5e-8' counts chips
+
+
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 3, "v4", "megacore", 2),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 2, "v5e", "default", 1),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 3, "v5p", "megacore", 2),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 2, "v6e", "default", 1),
+}
+GPUS: dict[str, Chip] = {
+    "h100": Chip("NVIDIA H100 80GB", 80 * 10**9, 989e12, 0, "", "", 1),
+}
+# Slice shapes by chip count (as Cloud TPU builds them), for names like v5e-256 / v5p-128.
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    chip: Chip
+    shape: tuple[int, ...]  # chips per dimension; (N,) for GPUs
+    num_slices: int = 1
+    platform: str = "tpu"
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape) * self.num_slices
+
+    @property
+    def topology_name(self) -> str:
+        return f"{self.chip.topology_prefix}:{'x'.join(map(str, self.shape))}"
+
+    def describe(self) -> str:
+        if self.platform != "tpu":
+            return f"{self.shape[0]} x {self.chip.name}"
+        slices = f" x {self.num_slices} slices (DCN)" if self.num_slices > 1 else ""
+        return f"{self.chip.name} {'x'.join(map(str, self.shape))} ({self.chips} chips){slices}"
+
+
+def _known_targets() -> str:
+    return ("v4, v5e, v5p, v6e as CHIP:TOPOLOGY (v5e:16x16, v6e:4x8, v4:2x2x2, v5p:4x4x4) or as the Cloud TPU "
+            "name (v5e-256, v5p-128), or h100:N for a GPU estimate")
+
+
+def parse_target(text: str, num_slices: int = 1) -> Target:
+    """'v5e:16x16', 'v5p:4x4x4', 'v5e-256', 'v5p-128' or 'h100:8'."""
+    raw = text.strip().lower()
+    if num_slices < 1:
+        raise PlanError(f"--num-slices {num_slices}: must be at least 1")
+    m = re.fullmatch(r"(h100):(\d+)", raw)
+    if m:
+        n = int(m.group(2))
+        if n < 1:
+            raise PlanError(f"--target {text!r}: need at least one GPU")
+        return Target(GPUS[m.group(1)], (n,), 1, platform="gpu")
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod)[:=](\d+(?:x\d+)*)", raw)
+    if m:
+        chip = CHIPS["v5e" if m.group(1) == "v5litepod" else m.group(1)]
+        shape = tuple(int(d) for d in m.group(2).split("x"))
+        if len(shape) == 2 and chip.dims == 3:
+            shape = (*shape, 1)
+        if len(shape) != chip.dims or min(shape) < 1:
+            raise PlanError(f"--target {text!r}: a {chip.name} topology has {chip.dims} dimensions, "
+                            f"e.g. {'v5e:16x16' if chip.dims == 2 else 'v5p:4x4x4'}")
+        return Target(chip, shape, num_slices)
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod)-(\d+)", raw)
+    if m:
+        chip = CHIPS["v5e" if m.group(1) == "v5litepod" else m.group(1)]
+        count = int(m.group(2))
+        chips = count // chip.cores_per_chip_in_name
+        table = _SHAPES_2D if chip.dims == 2 else _SHAPES_3D
+        if count % chip.cores_per_chip_in_name or chips not in table:
+            raise PlanError(f"--target {text!r}: no {chip.name} slice of that size; known sizes: "
+                            f"{', '.join(f'{m.group(1)}-{c * chip.cores_per_chip_in_name}' for c in table)}")
+        return Target(chip, table[chips], num_slices)
+    raise PlanError(f"--target {text!r} is not a known topology; use {_known_targets()}")
+
+
+def topology_devices(target: Target) -> list[Any]:
+    """Compile-only devices of a TPU topology (libtpu, no hardware), or host CPU devices for GPU estimates."""
+    import jax
+
+    if target.platform != "tpu":
+        devices = jax.devices("cpu")
+        if len(devices) < target.chips:
+            raise PlanError(f"the GPU estimate for {target.chips} GPUs compiles on {target.chips} host devices, but "
+                            f"this process has {len(devices)}; run it as a fresh process, or set "
+                            f"XLA_FLAGS=--xla_force_host_platform_device_count={target.chips}")
+        return devices[: target.chips]
+    # A compile-only client must not take libtpu's single-process lock: other JAX processes on
+    # this machine (tests, a second plan) would otherwise fail to start.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    shape3 = (*target.shape, 1)[:3]
+    host_bounds = tuple(min(s, 2) for s in shape3) if target.chip.dims == 3 else (
+        (min(shape3[0], 2), min(shape3[1], 2), 1))
+    if target.chip.dims == 2:
+        wrap = (shape3[0] == 16, shape3[1] == 16, False)
+    else:
+        wrap = (all(s % 4 == 0 for s in shape3),) * 3
+    try:
+        topo = topologies.get_topology_desc(
+            target.topology_name, "tpu", chip_config_name=target.chip.chip_config,
+            chips_per_host_bounds=host_bounds, num_slices=target.num_slices, wrap=wrap)
+    except Exception as e:  # libtpu missing, or a topology it rejects
+        raise PlanError(f"cannot describe the TPU topology {target.topology_name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}). The TPU compiler comes with `pip install libtpu`.") from e
+    return list(topo.devices)
+
+
+# ------------------------------------------------------------------------------ config
+@dataclasses.dataclass
+class PlanInputs:
+    cfg: Any  # Phi3Config
+    name: str
+    mesh: dict[str, Any]
+    optim: dict[str, Any]
+    batch: int | None = None
+    seq: int | None = None
+
+
+def load_config(spec: str) -> PlanInputs:
+    """--config: a preset name, a train YAML (model / mesh / optim / data sections) or an HF config."""
+    from phi3jax.config import PRESETS, Phi3Config
+
+    if spec in PRESETS:
+        return PlanInputs(Phi3Config.preset(spec), spec, {}, {})
+    if os.path.isdir(spec) or spec.endswith(".json"):
+        return PlanInputs(Phi3Config.from_hf(spec), os.path.basename(os.path.normpath(spec)), {}, {})
+    if not os.path.isfile(spec):
+        raise PlanError(f"--config {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), nor a YAML file, "
+                        "nor a Hugging Face config.json / model directory")
+    import yaml
+
+    with open(spec, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise PlanError(f"{spec}: expected a YAML mapping with a `model:` section")
+    model = dict(data.get("model") or {})
+    preset = model.pop("preset", None)
+    cfg = Phi3Config.preset(preset, **model) if preset else Phi3Config(**model)
+    section = data.get("data") or {}
+    batch = _first(section, ("global_batch_size", "batch_size", "batch")) or _first(
+        data.get("train") or {}, ("global_batch_size", "batch_size"))
+    seq = _first(section, ("seq_len", "seq_length", "sequence_length", "max_len"))
+    return PlanInputs(cfg, preset or os.path.basename(spec), dict(data.get("mesh") or {}),
+                      dict(data.get("optim") or {}), batch, seq)
+
+
+def _first(section: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        if section.get(key) is not None:
+            return section[key]
+    return None
+
+
+# ------------------------------------------------------------------------------ FLOPs
+def matmul_flops(jaxpr: Any) -> float:
+    """FLOPs of every matmul in a (closed) jaxpr, over the whole global program.
+
+    Scanned bodies count `length` times (XLA's cost analysis counts a loop body once, which
+    undercounts a layer scan by the number of layers), shard_map bodies once per device of
+    their manual axes, a cond its most expensive branch, remat recomputation where it occurs.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+        elif name == "scan":
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"])
+        elif name == "cond":
+            total += max(matmul_flops(b) for b in eqn.params["branches"])
+        elif name == "shard_map":
+            mesh = eqn.params["mesh"]
+            copies = math.prod(mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names))
+            total += copies * matmul_flops(eqn.params["jaxpr"])
+        else:
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        total += matmul_flops(sub)
+    return total
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclasses.dataclass
+class Plan:
+    model: str
+    num_params: int
+    target: str
+    platform: str
+    estimate_note: str | None
+    devices: int
+    mesh: dict[str, int]
+    batch: int
+    seq: int
+    accum_steps: int
+    dtype: str
+    param_dtype: str
+    remat_policy: str
+    compile_seconds: float
+    fits: bool
+    hbm_bytes: int
+    # per-device bytes
+    params_bytes: int
+    opt_state_bytes: int
+    batch_bytes: int
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    alias_bytes: int | None = None
+    temp_bytes: int | None = None
+    code_bytes: int | None = None
+    peak_bytes: int | None = None
+    compiler_message: str | None = None
+    flops_total: float | None = None  # every matmul of the traced step, layers x their count
+    flops_per_device: float | None = None  # flops_total / devices
+    compiler_flops_per_device: float | None = None  # XLA cost analysis: loop bodies counted once
+    peak_flops: float | None = None
+    seconds_at_peak: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, Any] | None = None,
+              batch: int | None = None, seq: int | None = None, accum_steps: int | None = None,
+              overrides: Mapping[str, Any] | None = None) -> Plan:
+    """Compile the train step for `target` on abstract shapes and read memory and FLOPs off the compile."""
+    import jax
+    import jax.numpy as jnp
+
+    from phi3jax import sharding
+    from phi3jax.train.step import BATCH_KEYS, OptimConfig, make_optimizer
+
+    cfg = inputs.cfg.replace(**{k: v for k, v in (overrides or {}).items() if v is not None})
+    mesh_cfg = sharding.MeshConfig.from_dict({**inputs.mesh, **(mesh_override or {})})
+    devices = topology_devices(target)
+    mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+    shape = dict(mesh.shape)
+    sharding.check_model_fits_mesh(cfg, mesh)
+    rows = shape["data"] * shape["fsdp"]
+    batch = int(batch or inputs.batch or rows)
+    seq = int(seq or inputs.seq or min(cfg.original_max_position_embeddings, cfg.max_position_embeddings))
+    sharding.check_batch_fits_mesh(batch, seq, mesh)
+    optim = OptimConfig(**{k: v for k, v in inputs.optim.items()
+                           if k in {f.name for f in dataclasses.fields(OptimConfig)}})
+    accum = int(accum_steps or optim.accum_steps)
+    if batch % (accum * rows):
+        raise PlanError(f"batch {batch} does not split into {accum} micro-batches of whole data shards "
+                        f"(mesh.data x mesh.fsdp = {rows})")
+    optimizer = make_optimizer(optim, 1000)
+
+    state = sharding.abstract_state(cfg, mesh, optimizer)
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                              sharding=batch_sharding) for k in BATCH_KEYS}
+    step = sharding.make_train_step(cfg, mesh, optimizer, accum_steps=accum)
+    estimate = None
+    if target.platform != "tpu":
+        estimate = ("estimate from the XLA:CPU compiler on host devices: XLA:GPU fuses and schedules "
+                    "differently, so treat temporaries as indicative")
+    plan = Plan(model=inputs.name, num_params=cfg.num_params(), target=target.describe(),
+                platform=target.platform, estimate_note=estimate, devices=len(devices),
+                mesh=shape, batch=batch, seq=seq, accum_steps=accum, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                remat_policy=cfg.remat_policy, compile_seconds=0.0, fits=False, hbm_bytes=target.chip.hbm_bytes,
+                params_bytes=sharding.sharded_bytes_per_device(state.params),
+                opt_state_bytes=sharding.sharded_bytes_per_device(state.opt_state),
+                batch_bytes=sharding.sharded_bytes_per_device(abstract_batch),
+                peak_flops=target.chip.peak_bf16_flops)
+    plan.flops_total = matmul_flops(step.trace(state, abstract_batch).jaxpr)
+    plan.flops_per_device = plan.flops_total / len(devices)
+    plan.seconds_at_peak = plan.flops_per_device / target.chip.peak_bf16_flops
+    start = time.perf_counter()
+    try:
+        compiled = step.lower(state, abstract_batch).compile()
+    except Exception as e:  # the TPU compiler refuses programs that do not fit HBM
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+            raise
+        plan.compile_seconds = time.perf_counter() - start
+        plan.compiler_message = message.strip().splitlines()[0][:500]
+        plan.fits = False
+        return plan
+    plan.compile_seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        plan.argument_bytes = int(mem.argument_size_in_bytes)
+        plan.output_bytes = int(mem.output_size_in_bytes)
+        plan.alias_bytes = int(mem.alias_size_in_bytes)
+        plan.temp_bytes = int(mem.temp_size_in_bytes)
+        plan.code_bytes = int(mem.generated_code_size_in_bytes)
+        plan.peak_bytes = (plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
+                           + plan.code_bytes)
+        plan.fits = plan.peak_bytes <= target.chip.hbm_bytes
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    if cost and cost.get("flops") is not None:
+        plan.compiler_flops_per_device = float(cost["flops"])
+    return plan
+
+
+# ------------------------------------------------------------------------------ report
+def _gb(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / GiB:8.3f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    lines = [
+        f"phi3jax plan: {plan.model} ({plan.num_params:,} parameters) on {plan.target}",
+        f"  mesh {mesh}; global batch {plan.batch} x {plan.seq} tokens"
+        + (f" in {plan.accum_steps} micro-batches" if plan.accum_steps > 1 else "")
+        + f"; compute {plan.dtype}, parameters {plan.param_dtype}, remat {plan.remat_policy}",
+        f"  compiled for {plan.platform.upper()} in {plan.compile_seconds:.1f} s, without hardware",
+    ]
+    if plan.estimate_note:
+        lines.append(f"  NOTE: {plan.estimate_note}")
+    lines += [
+        "",
+        "per-device memory",
+        f"  parameters                      {_gb(plan.params_bytes)}",
+        f"  optimiser state (AdamW mu, nu)  {_gb(plan.opt_state_bytes)}",
+        f"  batch                           {_gb(plan.batch_bytes)}",
+    ]
+    if plan.argument_bytes is not None:
+        padding = plan.argument_bytes - plan.params_bytes - plan.opt_state_bytes - plan.batch_bytes
+        lines += [
+            f"  arguments as compiled           {_gb(plan.argument_bytes)}  (layout padding {_gb(padding).strip()})",
+            f"  temporaries (activations, grads){_gb(plan.temp_bytes)}",
+            f"  outputs not aliased to inputs   {_gb(plan.output_bytes - plan.alias_bytes)}",
+            f"  program                         {_gb(plan.code_bytes)}",
+            f"  peak                            {_gb(plan.peak_bytes)}  of {_gb(plan.hbm_bytes).strip()} HBM: "
+            + ("fits" if plan.fits else "DOES NOT FIT"),
+        ]
+    else:
+        lines.append(f"  DOES NOT FIT in {_gb(plan.hbm_bytes).strip()} HBM: {plan.compiler_message}")
+    if plan.flops_total is not None:
+        tokens = plan.batch * plan.seq
+        lines += [
+            "",
+            "compute",
+            f"  step FLOPs  {plan.flops_total:.3e} in all, {plan.flops_per_device:.3e} per device "
+            f"(every matmul of the step; 6 x params x tokens = {6 * plan.num_params * tokens:.3e})",
+        ]
+        if plan.compiler_flops_per_device is not None:
+            lines.append(f"  compiler cost analysis  {plan.compiler_flops_per_device:.3e} per device "
+                         "(XLA counts each scanned layer once)")
+        lines.append(f"  at peak ({plan.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip): at least "
+                     f"{plan.seconds_at_peak * 1e3:.1f} ms per step, "
+                     f"{tokens / plan.seconds_at_peak / plan.devices:,.0f} tokens/s per chip")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan", help="compile the train step for a TPU topology and report memory / FLOPs",
+        description="Compile the real train step ahead of time for a TPU topology (libtpu, no TPU needed) and "
+                    "report per-device memory, whether it fits HBM, and the step's FLOPs.")
+    p.add_argument("--config", required=True, help="a preset (phi-3-mini-4k), a train YAML or an HF config.json/dir")
+    p.add_argument("--target", required=True, help=f"the hardware: {_known_targets()}")
+    p.add_argument("--mesh", default=None, help="mesh axes, e.g. fsdp=16,tensor=4 (default: the config's, else "
+                                                "fsdp over every chip)")
+    p.add_argument("--num-slices", type=int, default=1, help="TPU slices joined over DCN (multi-slice)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: one per data shard)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the original context)")
+    p.add_argument("--accum-steps", type=int, default=None, help="gradient-accumulation micro-batches")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--remat", default=None, help="remat policy: none, full, dots, dots_no_batch, attention_out")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from phi3jax.sharding import MeshConfig
+
+    target = parse_target(args.target, args.num_slices)
+    mesh = dataclasses.asdict(MeshConfig.parse(args.mesh)) if args.mesh else None
+    if mesh is not None:  # only the axes named on the command line override the config's
+        given = {item.split("=")[0].strip() for item in args.mesh.split(",") if item.strip()}
+        mesh = {k: v for k, v in mesh.items() if k in given}
+    if target.platform != "tpu":
+        _ensure_host_devices(target.chips)
+    inputs = load_config(args.config)
+    overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat}
+    plan = make_plan(inputs, target, mesh, args.batch, args.seq, args.accum_steps, overrides)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def _ensure_host_devices(n: int) -> None:
+    """GPU estimates compile on n host devices; ask XLA for them if no backend has started yet."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from phi3jax.cli import main
+
+    sys.exit(main(["plan", *sys.argv[1:]]))

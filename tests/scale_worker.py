@@ -1,0 +1,311 @@
+"""Multi-device work for the scale-out tests, run in a fresh process (see tests/test_scale_multidevice.py).
+
+JAX reads the host device count once, when its CPU backend starts, so every mode runs in its
+own process with XLA_FLAGS set by the caller. Each mode writes its measurements as JSON; the
+tests assert on them.
+
+    python tests/scale_worker.py meshes OUT.json NPZ       5 steps on every mesh; shardings; bytes
+    python tests/scale_worker.py ring OUT.json              ring attention vs unsharded attention
+    python tests/scale_worker.py restore OUT.json RUN_DIR [MULTIHOST_CKPT NPZ]
+    python tests/scale_worker.py multihost OUT.json PROC PORT CKPT_DIR [HF_DIR]
+    python tests/scale_worker.py hfload OUT.json HF_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+STEPS, BATCH, SEQ = 5, 8, 16
+# Every mesh the issue lists; "single" is one device through the same sharded path.
+MESHES = {
+    "single": {"data": 1, "fsdp": 1},
+    "data8": {"data": 8, "fsdp": 1},
+    "fsdp8": {"fsdp": 8},
+    "fsdp4_tensor2": {"fsdp": 4, "tensor": 2},
+    "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "fsdp2_sequence4": {"fsdp": 2, "sequence": 4},
+}
+
+
+def tiny_config():
+    from phi3jax.config import Phi3Config
+
+    # GQA (4 query heads, 2 kv heads) so tensor=2 splits kv heads too; float32 throughout.
+    return Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      original_max_position_embeddings=64, bos_token_id=1, eos_token_id=(2,), pad_token_id=0)
+
+
+def optimizer():
+    from phi3jax.train.step import OptimConfig, make_optimizer
+
+    return make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), STEPS)
+
+
+def batches() -> list[dict[str, np.ndarray]]:
+    """Five global batches with packed documents and padding (segment 0), identical in every process."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(STEPS):
+        toks = rng.integers(3, 128, size=(BATCH, SEQ + 1))
+        seg = np.ones((BATCH, SEQ), np.int32)
+        seg[1, 10:] = 2
+        seg[5, 6:] = 2
+        seg[2, 12:] = 0
+        pos = np.where(seg == 2, np.arange(SEQ) - np.argmax(seg == 2, axis=1)[:, None], np.arange(SEQ))
+        pos = np.where(seg == 0, 0, pos)
+        out.append(dict(inputs=toks[:, :-1].astype(np.int32), targets=toks[:, 1:].astype(np.int32),
+                        loss_mask=(seg > 0).astype(np.float32), segment_ids=seg, positions=pos.astype(np.int32)))
+    return out
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def sharding_report(tree) -> dict[str, dict]:
+    import jax
+
+    report = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        report[path_str(path)] = {"spec": [list(a) if isinstance(a, tuple) else a for a in leaf.sharding.spec],
+                                  "shard": list(leaf.addressable_shards[0].data.shape), "shape": list(leaf.shape)}
+    return report
+
+
+def train_on(mesh_axes: dict, devices=None, put=None):
+    import jax
+
+    from phi3jax import sharding
+
+    cfg, opt = tiny_config(), optimizer()
+    mesh = sharding.make_mesh(mesh_axes, devices=devices)
+    state = sharding.sharded_init(cfg, mesh, opt, 0)
+    init_report = sharding_report(state)
+    init_bytes = sharding.device_bytes((state.params, state.opt_state), jax.local_devices()[0])
+    step = sharding.make_train_step(cfg, mesh, opt)
+    losses = []
+    for batch in batches():
+        state, metrics = step(state, (put or sharding.put_batch)(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return mesh, state, losses, init_report, init_bytes
+
+
+def mode_meshes(out: str, npz: str) -> None:
+    import jax
+
+    from phi3jax import sharding
+    from phi3jax.model import init_params
+    from phi3jax.train.step import init_train_state, train_step
+
+    cfg, opt = tiny_config(), optimizer()
+    result = {"timings": {}}
+    t0 = time.time()
+    state = init_train_state(init_params(cfg, 0), opt)  # the plain, unsharded path
+    step = jax.jit(lambda s, b: train_step(s, b, cfg, opt))
+    ref = []
+    for batch in batches():
+        state, metrics = step(state, batch)
+        ref.append(float(metrics["loss"]))
+    result["reference"] = ref
+    result["timings"]["reference"] = time.time() - t0
+    result["losses"], result["bytes"] = {}, {}
+    for name, axes in MESHES.items():
+        t0 = time.time()
+        devices = jax.devices()[:1] if name == "single" else None
+        mesh, state, losses, report, nbytes = train_on(axes, devices)
+        result["losses"][name] = losses
+        result["bytes"][name] = nbytes
+        result["timings"][name] = time.time() - t0
+        if name == "fsdp4_tensor2":
+            result["shardings"] = report
+            result["shardings_after_steps"] = sharding_report(state)
+            np.savez(npz, **{path_str(p): np.asarray(x) for p, x in
+                             jax.tree_util.tree_flatten_with_path(state.params)[0]})
+    # Per-device bytes as fsdp grows (data takes the rest of the 8 devices).
+    result["fsdp_bytes"] = {}
+    for fsdp in (1, 2, 4, 8):
+        mesh = sharding.make_mesh({"data": 8 // fsdp, "fsdp": fsdp})
+        state = sharding.sharded_init(cfg, mesh, opt, 0)
+        result["fsdp_bytes"][fsdp] = {"params": sharding.device_bytes(state.params),
+                                      "opt_state": sharding.device_bytes(state.opt_state)}
+    result["total_param_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(init_params(cfg, 0))))
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def mode_ring(out: str) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from phi3jax import sharding
+    from phi3jax.attention import xla_attention
+    from phi3jax.ring_attention import ring_attention
+
+    rng = np.random.default_rng(1)
+    b, t = 2, 32
+    seg = np.repeat(np.array([[1, 1, 1, 2], [1, 2, 3, 3]]), t // 4, axis=1).astype(np.int32)
+    seg[1, -3:] = 0  # padding at the end of a row
+    cases = [
+        ("fsdp2_seq4_causal", {"fsdp": 2, "sequence": 4}, None, None, 4, 2),
+        ("fsdp2_seq4_window5_segments", {"fsdp": 2, "sequence": 4}, 5, seg, 4, 2),
+        ("seq8_window12_segments", {"sequence": 8}, 12, seg, 4, 4),
+        # 2 kv heads on tensor=4: kv heads are replicated, query heads split.
+        ("seq2_tensor4_gqa_replicated_kv", {"sequence": 2, "tensor": 4}, None, seg, 4, 2),
+    ]
+    result = {}
+    for name, axes, window, segment_ids, h, kv in cases:
+        mesh = sharding.make_mesh({"fsdp": 1, **axes})
+        q = jnp.asarray(rng.normal(size=(b, t, h, 8)), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(b, t, kv, 8)), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(b, t, kv, 8)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(b, t, h, 8)), jnp.float32)
+        sid = None if segment_ids is None else jnp.asarray(segment_ids)
+
+        def ref(q, k, v, sid=sid, window=window):
+            return xla_attention(q, k, v, q_segment_ids_bt=sid, causal=True, sliding_window=window)
+
+        def ring(q, k, v, sid=sid, window=window):
+            return ring_attention(q, k, v, segment_ids_bt=sid, causal=True, sliding_window=window)
+
+        rules = sharding.LOGICAL_RULES if kv % mesh.shape["tensor"] == 0 else tuple(
+            (n, None if n in ("kv_heads", "act_kv_heads") else a) for n, a in sharding.LOGICAL_RULES)
+        with sharding.mesh_context(mesh, rules):
+            got = jax.jit(ring)(q, k, v)
+            grads = jax.jit(jax.grad(lambda q, k, v, w=w: jnp.sum(ring(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+        want = ref(q, k, v)
+        want_grads = jax.grad(lambda q, k, v, w=w: jnp.sum(ref(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+        result[name] = {"forward": float(jnp.max(jnp.abs(got - want))),
+                        "grads": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(grads, want_grads, strict=True)],
+                        "out_spec": [list(a) if isinstance(a, tuple) else a for a in got.sharding.spec]}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def mode_restore(out: str, run_dir: str, multihost_ckpt: str | None = None, npz: str | None = None) -> None:
+    import jax
+    import orbax.checkpoint as ocp
+
+    from phi3jax import sharding
+    from phi3jax.train import checkpoint as ckpt
+
+    cfg, opt = tiny_config(), optimizer()
+    result = {}
+    # Train 2 steps on fsdp=8 so the optimiser state is not all zeros, then save.
+    mesh8, state, _, _, _ = train_on(MESHES["fsdp8"])
+    with ckpt.checkpoint_manager(run_dir, async_save=False) as manager:
+        manager.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                                                opt_state=ocp.args.StandardSave(state.opt_state)))
+        manager.wait_until_finished()
+    # Restore onto fsdp=4 x tensor=2.
+    mesh42 = sharding.make_mesh(MESHES["fsdp4_tensor2"])
+    target = sharding.state_shardings(cfg, mesh42, opt)
+    params = ckpt.restore_params(run_dir, 2, cfg, shardings=target.params)
+    opt_state = sharding.restore_opt_state(run_dir, 2, cfg, opt, mesh42)
+    result["params_equal"] = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
+                                 zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True))
+    result["opt_state_equal"] = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
+                                    zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(opt_state), strict=True))
+    result["restored_shardings"] = sharding_report(params)
+    result["restored_match_target"] = all(
+        a.sharding.is_equivalent_to(s, a.ndim) for a, s in
+        zip(jax.tree.leaves(params) + jax.tree.leaves(opt_state),
+            jax.tree.leaves(target.params) + jax.tree.leaves(target.opt_state), strict=True))
+    if multihost_ckpt:
+        ref = np.load(npz)
+        restored = ckpt.restore_params(multihost_ckpt, STEPS, cfg, shardings=sharding.param_shardings(cfg, mesh8))
+        result["multihost_ckpt_equal"] = {
+            path_str(p): bool(np.allclose(np.asarray(x), ref[path_str(p)], rtol=0, atol=1e-5))
+            for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def mode_multihost(out: str, proc: str, port: str, ckpt_dir: str, hf_dir: str | None = None) -> None:
+    from phi3jax import sharding
+
+    sharding.initialize_distributed({"coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+                                     "process_id": int(proc)})
+    import jax
+    import orbax.checkpoint as ocp
+
+    from phi3jax.train import checkpoint as ckpt
+
+    result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+              "local_devices": jax.local_device_count(), "devices": jax.device_count()}
+
+    def put_own_rows(batch, mesh):
+        # Per-process loading: this process reads only the rows its devices hold.
+        rows = sharding.process_batch_rows(mesh, BATCH)
+        result.setdefault("rows", rows.tolist())
+        return sharding.put_process_batch({k: v[rows] for k, v in batch.items()}, mesh, BATCH)
+
+    mesh, state, losses, _, _ = train_on(MESHES["fsdp4_tensor2"], put=put_own_rows)
+    result["losses"] = losses
+    with ckpt.checkpoint_manager(ckpt_dir, async_save=False) as manager:  # every process joins the save
+        manager.save(STEPS, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params)))
+        manager.wait_until_finished()
+    if hf_dir:
+        from phi3jax.convert import hf_sharded
+        from phi3jax.convert.hf import load_hf
+
+        reader_bytes = []
+        original = hf_sharded.SliceReader.__call__
+
+        def counting(self, *args):
+            block = original(self, *args)
+            reader_bytes.append(block.nbytes)
+            return block
+
+        hf_sharded.SliceReader.__call__ = counting
+        cfg, params = load_hf(hf_dir, mesh=mesh)
+        result["hf_bytes_read"] = int(sum(reader_bytes))
+        result["hf_total_bytes"] = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def mode_hfload(out: str, hf_dir: str) -> None:
+    import jax
+
+    from phi3jax import sharding
+    from phi3jax.convert import hf as hf_mod
+
+    cfg, full = hf_mod.load_hf(hf_dir)
+    result = {}
+    original_get = hf_mod.SafetensorsReader.get
+
+    def forbidden(self, name):
+        raise AssertionError(f"sharded loading read the whole tensor {name}")
+
+    for name, axes in (("fsdp4_tensor2", {"fsdp": 4, "tensor": 2}), ("fsdp2_tensor4", {"fsdp": 2, "tensor": 4})):
+        mesh = sharding.make_mesh(axes)
+        hf_mod.SafetensorsReader.get = forbidden
+        try:
+            _, params = hf_mod.load_hf(hf_dir, mesh=mesh)
+        finally:
+            hf_mod.SafetensorsReader.get = original_get
+        expected = sharding.param_shardings(cfg, mesh)
+        result[name] = {
+            "equal": all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
+                         zip(jax.tree.leaves(full), jax.tree.leaves(params), strict=True)),
+            "shardings_match": all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in
+                                   zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True)),
+            "shardings": sharding_report(params),
+        }
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    {"meshes": mode_meshes, "ring": mode_ring, "restore": mode_restore, "multihost": mode_multihost,
+     "hfload": mode_hfload}[mode](*args)

@@ -1,0 +1,121 @@
+"""`phi3jax plan`: the real train step compiled for a TPU topology on this CPU machine (libtpu).
+
+The full-size Phi-3-mini compile runs in a subprocess (it loads libtpu's compiler; tens of
+seconds) and is checked against arithmetic from the parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from phi3jax import cli, plan
+from phi3jax.config import Phi3Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHI3_MINI_PARAMS = 3_821_079_552
+
+
+def run_plan(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "phi3jax", "plan", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def libtpu_available() -> bool:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="the TPU compiler comes with `pip install libtpu`")
+
+
+@pytest.fixture(scope="module")
+def mini_on_v5e() -> dict:
+    proc = run_plan("--config", "phi-3-mini-4k", "--target", "v5e:4x4", "--dtype", "bfloat16", "--remat", "full",
+                    "--seq", "128", "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@needs_libtpu
+def test_phi3_mini_train_step_compiles_for_v5e(mini_on_v5e):
+    p = mini_on_v5e
+    assert p["num_params"] == PHI3_MINI_PARAMS
+    assert p["platform"] == "tpu" and p["devices"] == 16 and "v5e" in p["target"]
+    assert p["mesh"] == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
+    assert p["argument_bytes"] and p["temp_bytes"] and p["fits"]
+
+
+@needs_libtpu
+def test_plan_parameter_and_optimizer_memory_agrees_with_the_parameter_count(mini_on_v5e):
+    p = mini_on_v5e
+    cfg = Phi3Config.preset("phi-3-mini-4k")
+    norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size  # RMSNorm scales: replicated, not sharded
+    sharded = (PHI3_MINI_PARAMS - norms) / 16
+    # float32 parameters (4 bytes) + AdamW's two float32 moments (8 bytes), 1/16 per chip.
+    assert p["params_bytes"] == 4 * (sharded + norms)
+    assert p["opt_state_bytes"] - 8 * (sharded + norms) < 64  # + a few int32 step counters
+    # 12 bytes x 3.82e9 / 16 chips = 2.87 GB: what the compiler's arguments hold, plus layout padding
+    # (head_dim 96 pads to the 128-lane tile), plus the batch.
+    arithmetic = 12 * PHI3_MINI_PARAMS / 16
+    assert abs(p["params_bytes"] + p["opt_state_bytes"] - arithmetic) / arithmetic < 1e-3
+    assert arithmetic < p["argument_bytes"] < 1.2 * arithmetic
+    # The donated state comes back in place: outputs alias the arguments.
+    assert p["output_bytes"] - p["alias_bytes"] < 1e6
+
+
+@needs_libtpu
+def test_plan_counts_the_step_flops(mini_on_v5e):
+    p = mini_on_v5e
+    tokens = p["batch"] * p["seq"]
+    # Full remat: forward + recomputed forward + backward = 8 x params x tokens (less for the
+    # embedding, which is a lookup), plus attention.
+    assert 6 * PHI3_MINI_PARAMS * tokens < p["flops_total"] < 9 * PHI3_MINI_PARAMS * tokens
+    assert p["flops_per_device"] == pytest.approx(p["flops_total"] / 16)
+
+
+@needs_libtpu
+def test_plan_rejects_a_tensor_axis_that_does_not_divide_the_heads():
+    proc = run_plan("--config", "phi-3-medium-4k", "--target", "v5e:4x4", "--mesh", "fsdp=1,tensor=16")
+    assert proc.returncode == 2
+    assert "mesh.tensor=16 does not divide num_attention_heads=40" in proc.stderr
+
+
+@needs_libtpu
+def test_plan_rejects_a_mesh_that_does_not_match_the_topology():
+    proc = run_plan("--config", "phi-3-mini-4k", "--target", "v5e:4x4", "--mesh", "fsdp=4,tensor=2")
+    assert proc.returncode == 2
+    assert "= 8 devices, but there are 16 devices" in proc.stderr
+
+
+@pytest.mark.parametrize("target", ["v9x:4x4", "v5e:4x4x4", "v5e-12", "tpu", "v5p:2x2"])
+def test_plan_rejects_an_unknown_target(target, capsys):
+    if target == "v5p:2x2":  # 2-D name for a 3-D torus: read as 2x2x1
+        assert plan.parse_target(target).shape == (2, 2, 1)
+        return
+    assert cli.main(["plan", "--config", "phi-3-mini-4k", "--target", target]) == 2
+    err = capsys.readouterr().err
+    assert f"--target {target!r}" in err and ("not a known topology" in err or "topology has" in err
+                                             or "no TPU v5e slice of that size" in err)
+
+
+@pytest.mark.parametrize("name, chips, shape", [("v5e:16x16", 256, (16, 16)), ("v5e-256", 256, (16, 16)),
+                                                ("v5p-128", 64, (4, 4, 4)), ("v4:2x2x2", 8, (2, 2, 2)),
+                                                ("v6e:4x8", 32, (4, 8)), ("h100:8", 8, (8,))])
+def test_target_names(name, chips, shape):
+    t = plan.parse_target(name)
+    assert (t.chips, t.shape) == (chips, shape)
+
+
+def test_plan_rejects_an_unknown_config(capsys):
+    assert cli.main(["plan", "--config", "phi-9", "--target", "v5e:2x2"]) == 2
+    assert "not a preset" in capsys.readouterr().err

@@ -78,8 +78,10 @@ class Target:
     def describe(self) -> str:
         if self.platform != "tpu":
             return f"{self.shape[0]} x {self.chip.name}"
-        slices = f" x {self.num_slices} slices (DCN)" if self.num_slices > 1 else ""
-        return f"{self.chip.name} {'x'.join(map(str, self.shape))} ({self.chips} chips){slices}"
+        shape = "x".join(map(str, self.shape))
+        if self.num_slices > 1:
+            return f"{self.num_slices} x {self.chip.name} {shape} slices over DCN ({self.chips} chips)"
+        return f"{self.chip.name} {shape} ({self.chips} chips)"
 
 
 def _known_targets() -> str:
@@ -362,7 +364,9 @@ def format_plan(plan: Plan) -> str:
         f"  mesh {mesh}; global batch {plan.batch} x {plan.seq} tokens"
         + (f" in {plan.accum_steps} micro-batches" if plan.accum_steps > 1 else "")
         + f"; compute {plan.dtype}, parameters {plan.param_dtype}, remat {plan.remat_policy}",
-        f"  compiled for {plan.platform.upper()} in {plan.compile_seconds:.1f} s, without hardware",
+        (f"  compiled by the TPU compiler (libtpu) in {plan.compile_seconds:.1f} s, without hardware"
+         if plan.platform == "tpu" else
+         f"  compiled by XLA:CPU standing in for {plan.platform.upper()} in {plan.compile_seconds:.1f} s"),
     ]
     if plan.estimate_note:
         lines.append(f"  NOTE: {plan.estimate_note}")
@@ -397,7 +401,7 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  compiler cost analysis  {plan.compiler_flops_per_device:.3e} per device "
                          "(XLA counts each scanned layer once)")
         lines.append(f"  at peak ({plan.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip): at least "
-                     f"{plan.seconds_at_peak * 1e3:.1f} ms per step, "
+                     f"{plan.seconds_at_peak * 1e3:.3g} ms per step, "
                      f"{tokens / plan.seconds_at_peak / plan.devices:,.0f} tokens/s per chip")
     return "\n".join(lines)
 

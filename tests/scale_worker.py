@@ -186,8 +186,32 @@ def mode_ring(out: str) -> None:
         result[name] = {"forward": float(jnp.max(jnp.abs(got - want))),
                         "grads": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(grads, want_grads, strict=True)],
                         "out_spec": [list(a) if isinstance(a, tuple) else a for a in got.sharding.spec]}
+    result["temp_bytes"] = step_temp_bytes()
     with open(out, "w") as f:
         json.dump(result, f)
+
+
+def step_temp_bytes() -> dict[str, int]:
+    """Compiled temporaries of a train step with 1024 tokens per device: fsdp=8 (8 x 1024) vs
+    sequence=8 (1 x 8192). Ring attention keeps the sequence-parallel step's memory O(T/n)."""
+    import jax
+    import jax.numpy as jnp
+
+    from phi3jax import sharding
+    from phi3jax.config import Phi3Config
+    from phi3jax.train.step import BATCH_KEYS
+
+    cfg = Phi3Config.preset("tiny", vocab_size=4096, num_hidden_layers=2, remat_policy="full")
+    temps = {}
+    for name, axes, (b, t) in (("fsdp8", {"fsdp": 8}, (8, 1024)), ("sequence8", {"fsdp": 1, "sequence": 8}, (1, 8192))):
+        mesh = sharding.make_mesh(axes)
+        state = sharding.abstract_state(cfg, mesh, optimizer())
+        spec = sharding.batch_sharding(mesh)
+        batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=spec)
+                 for k in BATCH_KEYS}
+        compiled = sharding.make_train_step(cfg, mesh, optimizer()).lower(state, batch).compile()
+        temps[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+    return temps
 
 
 def mode_restore(out: str, run_dir: str, multihost_ckpt: str | None = None, npz: str | None = None) -> None:

@@ -97,6 +97,21 @@ def test_plan_rejects_a_mesh_that_does_not_match_the_topology():
     assert "= 8 devices, but there are 16 devices" in proc.stderr
 
 
+@needs_libtpu
+def test_multi_slice_plan_puts_the_data_axis_across_slices():
+    proc = run_plan("--config", "tiny", "--target", "v5e:2x2", "--num-slices", "2", "--seq", "128", "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    p = json.loads(proc.stdout)
+    assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1} and p["fits"]
+    # The hybrid mesh: every row of the data axis is one slice.
+    script = ("from phi3jax import plan, sharding; t = plan.parse_target('v5e:2x2', 2); "
+              "m = sharding.make_mesh({}, devices=plan.topology_devices(t)); "
+              "print([sorted({d.slice_index for d in m.devices[i].flat}) for i in range(2)])")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[[0], [1]]", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("target", ["v9x:4x4", "v5e:4x4x4", "v5e-12", "tpu", "v5p:2x2"])
 def test_plan_rejects_an_unknown_target(target, capsys):
     if target == "v5p:2x2":  # 2-D name for a 3-D torus: read as 2x2x1

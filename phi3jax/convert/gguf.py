@@ -33,7 +33,7 @@ from phi3jax.tokenizer import Tokenizer
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "phi3"
-_ROW_CHUNK_ELEMENTS = 1 << 24  # quantise 16M values (64 MB of float32) at a time
+_ROW_CHUNK_ELEMENTS = 1 << 22  # quantise 4M values (16 MB of float32) at a time
 
 
 class GGUFExportError(ValueError):
@@ -156,7 +156,8 @@ def vocab_arrays(tok: Tokenizer, vocab_size: int) -> tuple[list[bytes], list[flo
 
 
 # ------------------------------------------------------------------------------ writing
-def _header(writer: Any, cfg: Phi3Config, tok: Tokenizer, quant: str, name: str) -> None:
+def add_metadata(writer: Any, cfg: Phi3Config, tok: Tokenizer, quant: str, name: str = "Phi3") -> None:
+    """Every header key of a phi3 GGUF file: hyperparameters, file type, vocabulary, chat template."""
     import gguf
 
     _, ftype = _types(quant)
@@ -214,7 +215,7 @@ def write_gguf(source: ParamSource, tok: Tokenizer, out: str | os.PathLike, quan
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        _header(writer, cfg, tok, quant, name or "phi3")
+        add_metadata(writer, cfg, tok, quant, name or "Phi3")
         for gname, _, shape, ttype in plan:
             if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 writer.add_tensor_info(gname, shape, np.dtype(np.float32 if ttype == gguf.GGMLQuantizationType.F32
@@ -280,8 +281,12 @@ def _hf_name(name: str) -> str:
 
 
 def to_gguf(out: str | os.PathLike, ckpt: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None,
-            quant: str = "f16", force: bool = False, progress: bool = False) -> str:
-    """A GGUF file from a run/step directory (`ckpt`) or a Hugging Face directory (`hf_dir`)."""
+            quant: str = "f16", force: bool = False, progress: bool = False, name: str | None = None) -> str:
+    """A GGUF file from a run/step directory (`ckpt`) or a Hugging Face directory (`hf_dir`).
+
+    name: general.name (default: "Phi3 <directory name>"). llama.cpp gives Phi-3's chat tokens their
+    rstrip behaviour only when this name contains "phi3" or "phi-3", so a name without it is prefixed.
+    """
     if (ckpt is None) == (hf_dir is None):
         raise ValueError("pass exactly one of ckpt (a run or step directory) or hf_dir")
     if quant not in QUANTS:
@@ -295,7 +300,9 @@ def to_gguf(out: str | os.PathLike, ckpt: str | os.PathLike | None = None, hf_di
         source = OrbaxSource(ckpt)
         tokenizer_dir = source.run_dir
     tok = load_sentencepiece_tokenizer(tokenizer_dir)
-    name = os.path.basename(os.path.normpath(tokenizer_dir))
+    name = name or os.path.basename(os.path.normpath(tokenizer_dir))
+    if not any(key in name.lower() for key in ("phi3", "phi-3")):
+        name = f"Phi3 {name}"
     if source.cfg.sliding_window:
         print(f"phi3jax convert: note: llama.cpp ignores Phi-3's sliding window ({source.cfg.sliding_window}); "
               "sequences longer than it attend further back than in phi3jax or transformers", file=sys.stderr)

@@ -191,6 +191,6 @@ def test_exported_tokenizer_of_a_trained_sentencepiece_model(tmp_path):
     tok = Tokenizer.load(str(tmp_path / "tokenizer.model"))
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     texts = [*lines[:20], "  leading  and trailing  ", "unseen ☃ chars\n\ttab", "<|user|>\n hi <|end|>\n",
-             "a<|endoftext|> b", ""]
+             "a<|endoftext|> b", "<unk> and <s> are single tokens", ""]
     for text in texts:
         assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text

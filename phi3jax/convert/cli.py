@@ -55,12 +55,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _run_hf_to_orbax(args: argparse.Namespace) -> int:
     from phi3jax.convert.orbax import hf_to_orbax
 
     cfg = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, force=args.force, progress=args.progress,
                       step=args.step)
-    print(f"wrote {args.out} ({cfg.num_params() / 1e9:.2f}B parameters, {cfg.param_dtype}, step {args.step})")
+    print(f"wrote {args.out} ({_count(cfg.num_params())} parameters, {cfg.param_dtype}, step {args.step})")
     return 0
 
 
@@ -69,7 +73,7 @@ def _run_orbax_to_hf(args: argparse.Namespace) -> int:
 
     cfg = orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, force=args.force,
                       max_shard_bytes=int(args.max_shard_gb * 2**30), progress=args.progress)
-    print(f"wrote {args.out} ({cfg.num_params() / 1e9:.2f}B parameters, {args.dtype})")
+    print(f"wrote {args.out} ({_count(cfg.num_params())} parameters, {args.dtype})")
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 # "module:function" entries, each adding one subcommand. Order is the order of --help.
 COMMANDS = (
     "phi3jax.cli:add_generate_cli",
+    "phi3jax.convert.cli:add_cli",
     "phi3jax.plan:add_cli",
 )
 

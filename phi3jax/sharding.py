@@ -202,10 +202,6 @@ def _dcn(mesh_cfg: MeshConfig, slices: int) -> tuple[int, int]:
     return dcn_data, mesh_cfg.dcn_fsdp
 
 
-def mesh_shape(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
-    return dict(mesh.shape)
-
-
 def describe_mesh(mesh: Mesh | jax.sharding.AbstractMesh) -> str:
     return " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
 
@@ -436,7 +432,7 @@ def put_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
 
 def process_batch_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
     """The rows of the global batch that this process's devices hold (what it should load)."""
-    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, mesh.shape["sequence"]))
     rows = sorted({r for idx in indices.values() for r in range(*idx[0].indices(global_batch_size))})
     return np.asarray(rows, dtype=np.int64)
 

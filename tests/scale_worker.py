@@ -81,7 +81,7 @@ def sharding_report(tree) -> dict[str, dict]:
     return report
 
 
-def train_on(mesh_axes: dict, devices=None, put=None):
+def train_on(mesh_axes: dict, devices=None, put=None, accum_steps: int = 1):
     import jax
 
     from phi3jax import sharding
@@ -91,7 +91,7 @@ def train_on(mesh_axes: dict, devices=None, put=None):
     state = sharding.sharded_init(cfg, mesh, opt, 0)
     init_report = sharding_report(state)
     init_bytes = sharding.device_bytes((state.params, state.opt_state), jax.local_devices()[0])
-    step = sharding.make_train_step(cfg, mesh, opt)
+    step = sharding.make_train_step(cfg, mesh, opt, accum_steps=accum_steps)
     losses = []
     for batch in batches():
         state, metrics = step(state, (put or sharding.put_batch)(batch, mesh))
@@ -130,6 +130,10 @@ def mode_meshes(out: str, npz: str) -> None:
             result["shardings_after_steps"] = sharding_report(state)
             np.savez(npz, **{path_str(p): np.asarray(x) for p, x in
                              jax.tree_util.tree_flatten_with_path(state.params)[0]})
+    # Gradient accumulation under a mesh: 2 micro-batches of 4 rows on fsdp=4 x tensor=2.
+    t0 = time.time()
+    result["losses"]["fsdp4_tensor2_accum2"] = train_on(MESHES["fsdp4_tensor2"], accum_steps=2)[2]
+    result["timings"]["fsdp4_tensor2_accum2"] = time.time() - t0
     # Per-device bytes as fsdp grows (data takes the rest of the 8 devices).
     result["fsdp_bytes"] = {}
     for fsdp in (1, 2, 4, 8):

@@ -91,7 +91,7 @@ def multihost(tmp_path_factory, hf_dir) -> dict:
 
 
 # ------------------------------------------------------------------------------ same losses
-@pytest.mark.parametrize("mesh", list(scale_worker.MESHES))
+@pytest.mark.parametrize("mesh", [*scale_worker.MESHES, "fsdp4_tensor2_accum2"])
 def test_five_steps_give_the_same_losses_on_every_mesh(meshes, mesh):
     reference = meshes["reference"]  # the plain, unsharded train_step on one device
     got = meshes["losses"][mesh]

@@ -123,11 +123,23 @@ def parse_target(text: str, num_slices: int = 1) -> Target:
     raise PlanError(f"--target {text!r} is not a known topology; use {_known_targets()}")
 
 
+def _attached_gpus() -> list[Any]:
+    import jax
+
+    try:
+        return list(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend in this process
+        return []
+
+
 def topology_devices(target: Target) -> list[Any]:
     """Compile-only devices of a TPU topology (libtpu, no hardware), or host CPU devices for GPU estimates."""
     import jax
 
     if target.platform != "tpu":
+        gpus = _attached_gpus()
+        if len(gpus) >= target.chips:  # the real thing is attached: compile for it, no estimate
+            return gpus[: target.chips]
         devices = jax.devices("cpu")
         if len(devices) < target.chips:
             raise PlanError(f"the GPU estimate for {target.chips} GPUs compiles on {target.chips} host devices, but "
@@ -308,7 +320,7 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
                                               sharding=batch_sharding) for k in BATCH_KEYS}
     step = sharding.make_train_step(cfg, mesh, optimizer, accum_steps=accum)
     estimate = None
-    if target.platform != "tpu":
+    if target.platform != "tpu" and devices[0].platform == "cpu":
         estimate = ("estimate from the XLA:CPU compiler on host devices: XLA:GPU fuses and schedules "
                     "differently, so treat temporaries as indicative")
     plan = Plan(model=inputs.name, num_params=cfg.num_params(), target=target.describe(),
@@ -366,7 +378,8 @@ def format_plan(plan: Plan) -> str:
         + f"; compute {plan.dtype}, parameters {plan.param_dtype}, remat {plan.remat_policy}",
         (f"  compiled by the TPU compiler (libtpu) in {plan.compile_seconds:.1f} s, without hardware"
          if plan.platform == "tpu" else
-         f"  compiled by XLA:CPU standing in for {plan.platform.upper()} in {plan.compile_seconds:.1f} s"),
+         f"  compiled by XLA:CPU standing in for {plan.platform.upper()} in {plan.compile_seconds:.1f} s"
+         if plan.estimate_note else f"  compiled for the attached GPU(s) in {plan.compile_seconds:.1f} s"),
     ]
     if plan.estimate_note:
         lines.append(f"  NOTE: {plan.estimate_note}")
@@ -435,7 +448,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if mesh is not None:  # only the axes named on the command line override the config's
         given = {item.split("=")[0].strip() for item in args.mesh.split(",") if item.strip()}
         mesh = {k: v for k, v in mesh.items() if k in given}
-    if target.platform != "tpu":
+    if target.platform != "tpu":  # host devices stand in for GPUs when none are attached
         _ensure_host_devices(target.chips)
     inputs = load_config(args.config)
     overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat}

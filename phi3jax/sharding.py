@@ -364,55 +364,65 @@ def shard_params(params: Params, cfg: Phi3Config, mesh: Mesh) -> Params:
     return jax.device_put(params, param_shardings(cfg, mesh))
 
 
-class ShardedTrainStep:
-    """`phi3jax.train.step.train_step` jitted over a mesh: in/out shardings fixed, state donated.
+class MeshJit:
+    """`jax.jit(fn)` traced under the model's logical rules and run under `mesh`, so activation
+    constraints and ring attention (mesh.sequence > 1) take effect. Call it like `fn`; `lower`
+    and `trace` take ShapeDtypeStructs too (AOT compilation for a topology that is not attached).
+    Every call checks that the batch (`batch_arg`-th argument, a dict of [B, T]) fits the mesh."""
 
-    Call it like the function: `state, metrics = step(state, batch)`. `lower(state, batch)`
-    takes ShapeDtypeStructs too (AOT compilation for a topology that is not attached).
-    """
-
-    def __init__(self, cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
-                 accum_steps: int = 1, donate: bool = True):
-        from phi3jax.train.step import train_step
-
-        self.cfg, self.mesh, self.optimizer, self.accum_steps = cfg, mesh, optimizer, accum_steps
+    def __init__(self, fn: Any, cfg: Phi3Config, mesh: Mesh, batch_arg: int = 1, **jit_kwargs: Any):
+        self.cfg, self.mesh, self.batch_arg = cfg, mesh, batch_arg
         self.rules = logical_rules(cfg, mesh)
-        self.state_shardings = state_shardings(cfg, mesh, optimizer)
-        self.batch_sharding = batch_sharding(mesh)
         rules = self.rules
 
-        def step(state: Any, batch: dict[str, jax.Array]) -> Any:
+        def traced(*args: Any) -> Any:
             with nn.logical_axis_rules(rules):
-                return train_step(state, batch, cfg, optimizer, accum_steps)
+                return fn(*args)
 
-        self._jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                               out_shardings=(self.state_shardings, replicated(mesh)),
-                               donate_argnums=(0,) if donate else ())
+        self._jitted = jax.jit(traced, **jit_kwargs)
 
-    def _check(self, batch: Mapping[str, Any]) -> None:
+    def _args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        args = list(args)
+        batch = args[self.batch_arg] = dict(args[self.batch_arg])
         b, t = batch["inputs"].shape
         check_batch_fits_mesh(b, t, self.mesh)
+        return tuple(args)
 
-    def __call__(self, state: Any, batch: Mapping[str, Any]) -> tuple[Any, dict[str, jax.Array]]:
-        self._check(batch)
+    def __call__(self, *args: Any) -> Any:
+        args = self._args(args)
         with jax.set_mesh(self.mesh):
-            return self._jitted(state, dict(batch))
+            return self._jitted(*args)
 
-    def lower(self, state: Any, batch: Mapping[str, Any]) -> Any:
-        self._check(batch)
+    def lower(self, *args: Any) -> Any:
+        args = self._args(args)
         with jax.set_mesh(self.mesh):
-            return self._jitted.lower(state, dict(batch))
+            return self._jitted.lower(*args)
 
-    def trace(self, state: Any, batch: Mapping[str, Any]) -> Any:
-        """The traced step (its `.jaxpr` is the whole global program, before partitioning)."""
-        self._check(batch)
+    def trace(self, *args: Any) -> Any:
+        """The traced function (its `.jaxpr` is the whole global program, before partitioning)."""
+        args = self._args(args)
         with jax.set_mesh(self.mesh):
-            return self._jitted.trace(state, dict(batch))
+            return self._jitted.trace(*args)
 
 
 def make_train_step(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
-                    accum_steps: int = 1, donate: bool = True) -> ShardedTrainStep:
-    return ShardedTrainStep(cfg, mesh, optimizer, accum_steps, donate)
+                    accum_steps: int = 1, donate: bool = True) -> MeshJit:
+    """`phi3jax.train.step.train_step` over a mesh: `state, metrics = step(state, batch)`, with
+    the state's and the batch's shardings fixed and the state donated (updated in place)."""
+    from phi3jax.train.step import train_step
+
+    shardings = state_shardings(cfg, mesh, optimizer)
+    return MeshJit(lambda state, batch: train_step(state, batch, cfg, optimizer, accum_steps), cfg, mesh,
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(cfg: Phi3Config, mesh: Mesh) -> MeshJit:
+    """`phi3jax.train.step.loss_sums` over a mesh: `(nll_sum, count) = eval_step(params, batch)`."""
+    from phi3jax.train.step import loss_sums
+
+    return MeshJit(lambda params, batch: loss_sums(params, cfg, batch), cfg, mesh,
+                   in_shardings=(param_shardings(cfg, mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
 # ------------------------------------------------------------------------------ batches

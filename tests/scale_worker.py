@@ -125,6 +125,14 @@ def mode_meshes(out: str, npz: str) -> None:
         result["losses"][name] = losses
         result["bytes"][name] = nbytes
         result["timings"][name] = time.time() - t0
+        if name == "fsdp2_sequence4":  # evaluation under the mesh (ring attention) vs one device
+            from phi3jax.train.step import loss_sums
+
+            batch = batches()[0]
+            sharded = sharding.make_eval_step(cfg, mesh)(state.params, sharding.put_batch(batch, mesh))
+            host_params = jax.tree.map(np.asarray, state.params)
+            plain = jax.jit(lambda p, b: loss_sums(p, cfg, b))(host_params, batch)
+            result["eval"] = {"sharded": [float(x) for x in sharded], "plain": [float(x) for x in plain]}
         if name == "fsdp4_tensor2":
             result["shardings"] = report
             result["shardings_after_steps"] = sharding_report(state)

@@ -99,6 +99,12 @@ def test_five_steps_give_the_same_losses_on_every_mesh(meshes, mesh):
     np.testing.assert_allclose(got, reference, atol=LOSS_TOL, rtol=0)
 
 
+def test_evaluation_under_a_sequence_parallel_mesh_matches_one_device(meshes):
+    (total, count), (want_total, want_count) = meshes["eval"]["sharded"], meshes["eval"]["plain"]
+    assert count == want_count
+    assert abs(total / count - want_total / want_count) < LOSS_TOL
+
+
 def test_losses_actually_change_over_the_five_steps(meshes):
     # Guards the comparison above against a degenerate run (e.g. a zero learning rate).
     assert max(meshes["reference"]) - min(meshes["reference"]) > 1e-3

@@ -406,13 +406,18 @@ class MeshJit:
 
 
 def make_train_step(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
-                    accum_steps: int = 1, donate: bool = True) -> MeshJit:
-    """`phi3jax.train.step.train_step` over a mesh: `state, metrics = step(state, batch)`, with
-    the state's and the batch's shardings fixed and the state donated (updated in place)."""
-    from phi3jax.train.step import train_step
+                    accum_steps: int = 1, donate: bool = True, train_step: Any = None) -> MeshJit:
+    """`phi3jax.train.step.train_step` (or a stand-in with its signature) over a mesh:
+    `state, metrics = step(state, batch)`, with the state's and the batch's shardings fixed and the
+    state donated (updated in place)."""
+    if train_step is None:
+        from phi3jax.train.step import train_step
+
+    def step(state: Any, batch: dict[str, jax.Array]) -> Any:
+        return train_step(state, batch, cfg=cfg, optimizer=optimizer, accum_steps=accum_steps)
 
     shardings = state_shardings(cfg, mesh, optimizer)
-    return MeshJit(lambda state, batch: train_step(state, batch, cfg, optimizer, accum_steps), cfg, mesh,
+    return MeshJit(step, cfg, mesh,
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 

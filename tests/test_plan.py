@@ -98,6 +98,17 @@ def test_plan_rejects_a_mesh_that_does_not_match_the_topology():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("target, chips, hbm_gib", [("v4:2x2x1", 4, 32), ("v5p:2x2x1", 4, 95), ("v6e:2x2", 4, 32)])
+def test_every_tpu_generation_compiles(target, chips, hbm_gib):
+    proc = run_plan("--config", "tiny", "--target", target, "--mesh", "fsdp=-1,tensor=2", "--seq", "128", "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    p = json.loads(proc.stdout)
+    # v4 / v5p: one device per chip (megacore), not one per TensorCore.
+    assert p["devices"] == chips and p["mesh"]["tensor"] == 2 and p["hbm_bytes"] == hbm_gib * 2**30
+    assert p["fits"] and p["argument_bytes"] > p["params_bytes"] > 0
+
+
+@needs_libtpu
 def test_multi_slice_plan_puts_the_data_axis_across_slices():
     proc = run_plan("--config", "tiny", "--target", "v5e:2x2", "--num-slices", "2", "--seq", "128", "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]

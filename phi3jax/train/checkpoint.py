@@ -1,0 +1,128 @@
+"""Run directories: the unit every command shares.
+
+    run_dir/config.yaml          the resolved config; its `model:` section holds every Phi3Config field
+    run_dir/tokenizer.model      SentencePiece model (chat tokens as user-defined pieces or Phi-3's)
+    run_dir/tokenizer_config.json  optional: added tokens + chat template (HF-converted runs)
+    run_dir/checkpoints/<step>/  orbax: items `params`, `opt_state`, `data_iter`, `meta`
+
+`--ckpt` anywhere takes a run directory (its latest step) or a step directory (that step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+
+from phi3jax.config import Phi3Config
+from phi3jax.model import Params, abstract_params
+
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.model"
+ITEMS = ("params", "opt_state", "data_iter", "meta")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
+
+
+class RunDirError(ValueError):
+    """A path that is not a usable run or step directory."""
+
+
+def model_fields(cfg: Phi3Config) -> dict[str, Any]:
+    """Every Phi3Config field as plain YAML-friendly values."""
+    out = dataclasses.asdict(cfg)
+    for key, value in out.items():
+        if isinstance(value, tuple):
+            out[key] = list(value)
+    return out
+
+
+def write_yaml(path: str, data: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: str) -> dict[str, Any]:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise RunDirError(f"{run_dir} has no {CONFIG_FILE}; is it a run directory written by train.py "
+                          "or `phi3jax convert hf-to-orbax`?")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data.get("model"), dict):
+        raise RunDirError(f"{path} has no `model:` section")
+    return data
+
+
+def model_config(run_dir: str, **overrides: Any) -> Phi3Config:
+    fields = dict(read_run_config(run_dir)["model"])
+    fields.pop("preset", None)
+    return Phi3Config(**{**fields, **overrides})
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, int]:
+    """(run_dir, step) for a run directory (latest step) or a step directory."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == CHECKPOINTS and re.fullmatch(r"\d+", os.path.basename(path)):
+        return os.path.dirname(parent), int(os.path.basename(path))
+    steps = list_steps(path)
+    if not steps:
+        raise RunDirError(f"{path} holds no finished checkpoint (expected {CHECKPOINTS}/<step>/ inside a run "
+                          "directory, or a step directory itself)")
+    return path, steps[-1]
+
+
+def list_steps(run_dir: str) -> list[int]:
+    """Finished checkpoint steps, oldest first (orbax's unfinished temporaries are ignored)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(name) for name in os.listdir(root)
+                  if re.fullmatch(r"\d+", name) and os.path.isdir(os.path.join(root, name)))
+
+
+def checkpoint_manager(run_dir: str, max_to_keep: int | None = None, async_save: bool = True
+                       ) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), CHECKPOINTS), options=options,
+                                 item_names=ITEMS)
+
+
+def save_params(run_dir: str, step: int, params: Params, cfg: Phi3Config) -> None:
+    """A params-only checkpoint (what `convert hf-to-orbax` writes; train.py can start from it)."""
+    with checkpoint_manager(run_dir, async_save=False) as manager:
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+
+
+def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = None) -> Params:
+    """Params of a checkpoint step, cast to cfg.param_dtype, placed per `shardings` if given."""
+    abstract = abstract_params(cfg)
+    if shardings is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+    with checkpoint_manager(run_dir, async_save=False) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    return restored["params"]
+
+
+def load_run(path: str | os.PathLike, dtype: str | None = None) -> tuple[Phi3Config, Params, Any]:
+    """(config, params, tokenizer) of a run directory's latest step or of a step directory."""
+    from phi3jax.tokenizer import Tokenizer
+
+    run_dir, step = resolve_checkpoint(path)
+    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
+    cfg = model_config(run_dir, **overrides)
+    params = restore_params(run_dir, step, cfg)
+    return cfg, params, Tokenizer.load(run_dir)

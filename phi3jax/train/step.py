@@ -1,0 +1,153 @@
+"""The loss, the optimiser and one training step: pure functions, jit- and mesh-ready.
+
+A batch is a dict of [B, T] arrays:
+    inputs       int32  token ids fed to the model
+    targets      int32  the next token of each input (anything where loss_mask is 0)
+    loss_mask    float32 1 where the target counts (not padding, not a document boundary,
+                 only assistant tokens in chat fine-tuning)
+    segment_ids  int32  document id of each token in a packed row (0 = padding)
+    positions    int32  position of each token within its document
+
+The loss is the mean token NLL over all counted tokens of the global batch. With gradient
+accumulation the batch is split into `accum_steps` micro-batches whose *summed* NLL and
+token counts are accumulated, so the result equals one step on the whole batch exactly
+(up to float summation order), whatever the padding of each micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from phi3jax import rope
+from phi3jax.config import Phi3Config
+from phi3jax.model import Params, Phi3
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to `min_lr_ratio * learning_rate`."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # apply weight decay to embed / lm_head
+    decay_norms: bool = False  # apply weight decay to RMSNorm scales
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    accum_steps: int = 1  # micro-batches per optimiser step
+
+    def __post_init__(self) -> None:
+        checks = [("learning_rate", self.learning_rate > 0), ("warmup_steps", self.warmup_steps >= 0),
+                  ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("b1", 0 <= self.b1 < 1),
+                  ("b2", 0 <= self.b2 < 1), ("eps", self.eps > 0), ("weight_decay", self.weight_decay >= 0),
+                  ("clip_norm", self.clip_norm >= 0), ("accum_steps", self.accum_steps >= 1)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"optim.{name}={getattr(self, name)!r} is out of range")
+
+
+def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else optim.learning_rate, peak_value=optim.learning_rate,
+        warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.learning_rate * optim.min_lr_ratio)
+
+
+def weight_decay_mask(params: Params, optim: OptimConfig) -> Any:
+    """True for leaves that get weight decay: matrices, and embeddings/norms only if configured."""
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        names = [getattr(p, "key", str(p)) for p in path]
+        if names[0] in ("embed", "lm_head"):
+            return optim.decay_embeddings
+        if names[-1] == "scale":
+            return optim.decay_norms
+        return True
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(optim, total_steps)
+    chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, mask=lambda p: weight_decay_mask(p, optim)))
+    return optax.chain(*chain)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def token_nll(params: Params, cfg: Phi3Config, batch: Batch) -> jax.Array:
+    """Per-token negative log-likelihood [B, T] (float32) of batch['targets']."""
+    positions = batch["positions"]
+    long_rope = rope.use_long_factors(cfg, jnp.max(positions) + 1)
+    logits, _ = Phi3(cfg).apply({"params": params}, batch["inputs"], positions,
+                                segment_ids_bt=batch["segment_ids"], long_rope=long_rope)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+
+def loss_sums(params: Params, cfg: Phi3Config, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of counted token NLLs, number of counted tokens)."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(token_nll(params, cfg, batch) * mask), jnp.sum(mask)
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by optim.accum_steps={k}")
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    return {key: split(batch[key]) for key in BATCH_KEYS}
+
+
+def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: int = 1
+                   ) -> tuple[jax.Array, jax.Array, Params]:
+    """(mean loss, counted tokens, gradient of the mean loss), accumulated over micro-batches."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if accum_steps == 1:
+        (total, count), grads = grad_fn(params, cfg, batch)
+    else:
+        def body(carry: tuple[jax.Array, jax.Array, Params], micro: Batch):
+            total, count, grads = carry
+            (t, c), g = grad_fn(params, cfg, micro)
+            return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        (total, count, grads), _ = jax.lax.scan(body, init, _split_micro(batch, accum_steps))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    return total / denom, count, grads
+
+
+def train_step(state: TrainState, batch: Batch, cfg: Phi3Config, optimizer: optax.GradientTransformation,
+               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step. jit with cfg, optimizer and accum_steps static."""
+    loss, count, grads = loss_and_grads(state.params, cfg, batch, accum_steps)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

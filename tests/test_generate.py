@@ -1,0 +1,121 @@
+"""generate(): token-exact agreement with HF's greedy generate, stopping, sampling, streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from phi3jax import generate, load_hf
+from tests.conftest import longrope_parameters, make_hf_model
+
+EOS = 2
+
+
+def hf_greedy(hf, prompts, max_new_tokens, eos=EOS):
+    """HF generate on a left-padded batch (its own convention); returns the new tokens per row."""
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                          max_new_tokens=max_new_tokens, eos_token_id=[eos], pad_token_id=0)
+    return out[:, width:].numpy()
+
+
+@pytest.fixture(scope="module")
+def longrope_model(tmp_path_factory):
+    """GQA + sliding window + LongRoPE switching at 64 tokens."""
+    directory = tmp_path_factory.mktemp("longrope")
+    hf = make_hf_model(directory, num_key_value_heads=2, sliding_window=24, original_max_position_embeddings=64,
+                       rope_parameters=longrope_parameters(16))
+    cfg, params = load_hf(directory)
+    return hf, cfg, params
+
+
+def test_greedy_batch_of_different_lengths_crossing_the_longrope_switch_matches_hf(longrope_model):
+    hf, cfg, params = longrope_model
+    rs = np.random.RandomState(0)
+    # Longest prompt 40 + 40 new tokens crosses original_max_position_embeddings (64) mid-generation:
+    # HF then re-prefills with the long factors, and so must we.
+    prompts = [rs.randint(3, cfg.vocab_size, n).tolist() for n in (40, 17, 33)]
+    ours = generate(params, cfg, prompts, max_new_tokens=40, stop_tokens=[EOS])
+    expected = hf_greedy(hf, prompts, 40)
+    np.testing.assert_array_equal(ours.tokens, expected)
+
+
+def test_greedy_prompt_already_past_the_switch_matches_hf(longrope_model):
+    hf, cfg, params = longrope_model
+    prompts = [np.random.RandomState(1).randint(3, cfg.vocab_size, 70).tolist()]
+    np.testing.assert_array_equal(generate(params, cfg, prompts, max_new_tokens=32, stop_tokens=[EOS]).tokens,
+                                  hf_greedy(hf, prompts, 32))
+
+
+def test_greedy_plain_model_matches_hf_for_48_tokens(tmp_path):
+    hf = make_hf_model(tmp_path, seed=3)
+    cfg, params = load_hf(tmp_path)
+    prompts = [np.random.RandomState(2).randint(3, cfg.vocab_size, 9).tolist()]
+    np.testing.assert_array_equal(generate(params, cfg, prompts, max_new_tokens=48, stop_tokens=[EOS]).tokens,
+                                  hf_greedy(hf, prompts, 48))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    make_hf_model(directory, seed=1)
+    return load_hf(directory)
+
+
+def test_rows_stop_at_their_stop_token_and_pad_afterwards(tiny):
+    cfg, params = tiny
+    prompts = [[5, 6, 7], [9, 10]]
+    free = generate(params, cfg, prompts, max_new_tokens=12, stop_tokens=[])
+    row0 = free.tokens[0].tolist()
+    stop = row0[3]  # make a token row 0 produces a stop token
+    first = row0.index(stop)
+    out = generate(params, cfg, prompts, max_new_tokens=12, stop_tokens=[stop])
+    assert out.tokens[0, :first + 1].tolist() == row0[:first + 1] and out.lengths[0] == first + 1
+    assert (out.tokens[0, out.lengths[0]:] == cfg.pad_token_id).all()
+    assert out.to_lists()[0][-1] == stop
+
+
+def test_streaming_callback_sees_every_token_once_in_order(tiny):
+    cfg, params = tiny
+    seen = [[], []]
+
+    def callback(chunks):
+        for row, chunk in enumerate(chunks):
+            seen[row].extend(chunk)
+
+    out = generate(params, cfg, [[5, 6, 7], [9]], max_new_tokens=20, stop_tokens=[], chunk_size=3, callback=callback)
+    assert seen == out.to_lists()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
+    cfg, params = tiny
+    prompt = [[5, 6, 7, 8]]
+    greedy = generate(params, cfg, prompt, max_new_tokens=16, stop_tokens=[]).tokens
+    a = generate(params, cfg, prompt, max_new_tokens=16, temperature=1.0, seed=1, stop_tokens=[]).tokens
+    b = generate(params, cfg, prompt, max_new_tokens=16, temperature=1.0, seed=1, stop_tokens=[]).tokens
+    c = generate(params, cfg, prompt, max_new_tokens=16, temperature=1.0, seed=2, stop_tokens=[]).tokens
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any() and (a != greedy).any()
+    for kwargs in (dict(top_k=1), dict(top_p=1e-6)):
+        np.testing.assert_array_equal(
+            generate(params, cfg, prompt, max_new_tokens=16, temperature=0.8, seed=3, stop_tokens=[], **kwargs).tokens,
+            greedy)
+
+
+def test_bad_generate_arguments_are_clear_errors(tiny):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(params, cfg, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 512"):
+        generate(params, cfg, [[1] * 500], max_new_tokens=20)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(params, cfg, [[1, 600]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(params, cfg, [[1, 2]], max_new_tokens=4, temperature=1.0, top_p=0.0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,21 +33,13 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(config, params, tokenizer) from --ckpt or --hf-dir."""
     from phi3jax.tokenizer import Tokenizer
 
-    flag, path = ("--hf-dir", args.hf_dir) if args.hf_dir else ("--ckpt", args.ckpt)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if args.hf_dir:
         from phi3jax.convert.hf import load_hf
 
         cfg, params = load_hf(args.hf_dir, dtype=args.dtype)
         return cfg, params, Tokenizer.load(args.hf_dir)
-    try:
-        from phi3jax.train.checkpoint import load_run
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("phi3jax.train"):
-            raise
-        raise FileNotFoundError("--ckpt needs phi3jax.train.checkpoint, which this install lacks; "
-                                "use --hf-dir") from None
+    from phi3jax.train.checkpoint import load_run
+
     return load_run(args.ckpt, dtype=args.dtype)
 
 

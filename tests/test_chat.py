@@ -17,7 +17,7 @@ import time
 
 import pytest
 import sentencepiece as spm
-from testmodels import ASSISTANT, END, HELLO, USER, WORLD, make_hello_world_model
+from testmodels import ASSISTANT, END, HELLO, USER, WORLD, make_hello_world_model, make_run_dir
 
 from phi3jax.chat import ChatSession, TextStreamer
 from phi3jax.cli import main
@@ -61,9 +61,11 @@ def _stats(text: str) -> list[tuple[int, int]]:
     return [(int(n), int(p)) for n, p in re.findall(r"\[(\d+) tokens in [^\]]*prompt (\d+) tokens\]", text)]
 
 
-def test_chat_over_stdin_pipe_keeps_history_and_stops_at_end(model_dir, sp):
+def test_chat_over_stdin_pipe_keeps_history_and_stops_at_end(model_dir, sp, tmp_path):
+    """From a run directory (model and tokenizer from --ckpt), one message per stdin line."""
+    run = make_run_dir(model_dir, tmp_path / "run")
     messages = ["hi there", "and again", "/reset", "third"]
-    proc = subprocess.run([sys.executable, "-m", "phi3jax", "chat", "--hf-dir", str(model_dir),
+    proc = subprocess.run([sys.executable, "-m", "phi3jax", "chat", "--ckpt", str(run),
                            "--max-new-tokens", "20"], input="\n".join(messages) + "\n", capture_output=True,
                           text=True, env=_subprocess_env(), timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -168,4 +170,4 @@ def test_generate_command_batches_several_prompts(model_dir, capsys):
 
 def test_generate_rejects_a_missing_model(tmp_path, capsys):
     assert main(["generate", "--hf-dir", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "is not a directory" in capsys.readouterr().err

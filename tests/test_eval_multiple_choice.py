@@ -234,7 +234,8 @@ def test_checkpoint_path_that_does_not_exist(tmp_path, capsys):
         code = main(["eval", "multiple-choice", flag, str(tmp_path / "no-such-run"), "--task", "mmlu",
                      "--data", str(root)])
         err = capsys.readouterr().err
-        assert code == 2 and f"{flag} '{tmp_path / 'no-such-run'}' does not exist" in err
+        assert code == 2 and str(tmp_path / "no-such-run") in err
+        assert "does not exist" in err or "is not a directory" in err
 
 
 def test_hellaswag_bad_label(tmp_path):

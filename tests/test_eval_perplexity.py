@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import sentencepiece as spm
-from testmodels import make_random_phi3
+from testmodels import make_random_phi3, make_run_dir
 
 from eval.perplexity import perplexity, read_documents, windows
 from phi3jax.cli import main
@@ -77,6 +77,23 @@ def test_perplexity_equals_exp_mean_nll_of_hf_torch(model_dir, tmp_path):
     assert report["bos"]["id"] == 1 and "BOS" in report["bos"]["convention"]
 
 
+def test_run_directory_and_step_directory_give_the_hf_result(model_dir, tmp_path, capsys):
+    """--ckpt RUN_DIR (its latest step) and --ckpt RUN_DIR/checkpoints/<step> score like --hf-dir."""
+    directory, _ = model_dir
+    run = make_run_dir(directory, tmp_path / "run", step=10)
+    data = tmp_path / "doc.txt"
+    data.write_text(DOCS[0])
+    reports = []
+    for source in (["--hf-dir", str(directory)], ["--ckpt", str(run)], ["--ckpt", str(run / "checkpoints" / "10")]):
+        out = tmp_path / "r.json"
+        assert main(["eval", "perplexity", *source, "--data", str(data), "--json", str(out), "--no-progress"]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[1]["model"] == {"ckpt": str(run)}
+    assert reports[0]["tokens"] == reports[1]["tokens"] == reports[2]["tokens"] > 10
+    assert reports[1]["perplexity"] == pytest.approx(reports[0]["perplexity"], rel=1e-6)
+    assert reports[2]["perplexity"] == pytest.approx(reports[0]["perplexity"], rel=1e-6)
+
+
 @pytest.mark.parametrize("stride", [32, 12])
 def test_sliding_windows_match_hf_torch(model_dir, stride):
     """A 200-token document through 32-token windows: disjoint (stride 32) and overlapping (12)."""
@@ -135,4 +152,4 @@ def test_missing_data_file_and_missing_checkpoint(tmp_path, capsys, model_dir):
     for flag in ("--ckpt", "--hf-dir"):
         assert main(["eval", "perplexity", flag, str(tmp_path / "missing-run"), "--data", str(data)]) == 2
         err = capsys.readouterr().err
-        assert f"{flag} " in err and "missing-run" in err and "does not exist" in err
+        assert str(tmp_path / "missing-run") in err and ("does not exist" in err or "is not a directory" in err)

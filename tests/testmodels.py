@@ -62,3 +62,17 @@ def make_hello_world_model(directory: str | os.PathLike) -> None:
     params = {"embed": embed, "layers": layers, "final_norm": {"scale": np.ones(d, np.float32)}, "lm_head": head}
     save_hf(params, cfg, directory, dtype="float32", overwrite=True)
     copy_tokenizer(directory)
+
+
+def make_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, step: int = 10) -> pathlib.Path:
+    """A run directory (config.yaml, tokenizer.model, checkpoints/<step>/params) holding an HF model's weights."""
+    from phi3jax.convert.hf import load_hf
+    from phi3jax.train.checkpoint import model_fields, save_params, write_yaml
+
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, params = load_hf(hf_dir)
+    write_yaml(str(run_dir / "config.yaml"), {"model": model_fields(cfg)})
+    shutil.copy(pathlib.Path(hf_dir) / "tokenizer.model", run_dir / "tokenizer.model")
+    save_params(str(run_dir), step, params, cfg)
+    return run_dir

@@ -70,7 +70,8 @@ def score_rows(params: Params, cfg: Phi3Config, rows: Sequence[Row], batch_size:
     """(log-probabilities [Q], is-argmax [Q]) of every row's queries, in the rows' order.
 
     Rows are scored longest first in batches of `batch_size` (the last batch is filled with
-    one-token dummy rows), each padded to `length_bucket` of its longest row. `progress` is a
+    one-token dummy rows; fewer rows than that make a smaller batch, a power of two), each padded
+    to `length_bucket` of its longest row. `progress` is a
     description for the tqdm bar, or False for none.
     """
     if batch_size < 1:
@@ -85,6 +86,8 @@ def score_rows(params: Params, cfg: Phi3Config, rows: Sequence[Row], batch_size:
             raise ValueError(f"row {k}: query_pos and query_tok differ in length")
         if row.query_pos and not 0 <= min(row.query_pos) <= max(row.query_pos) < len(row.tokens):
             raise ValueError(f"row {k}: a query position is outside the row's {len(row.tokens)} tokens")
+    # Fewer rows than a batch: shrink it (to a power of two, so shapes stay few) rather than pad.
+    batch_size = min(batch_size, 1 << max(len(rows) - 1, 0).bit_length())
     order = sorted(range(len(rows)), key=lambda k: (-len(rows[k].tokens), k))
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(rows)
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]

@@ -4,8 +4,9 @@
 """
 
 from eval.loglikelihood import Row, encode_pair, loglikelihoods, score_rows
-from eval.multiple_choice import Item, load_hellaswag, load_mmlu, score_items, summarize
-from eval.perplexity import EvalDataError, PerplexityResult, perplexity, read_documents
+from eval.multiple_choice import Item, evaluate, load_hellaswag, load_mmlu, load_task, score_items, summarize
+from eval.perplexity import EvalDataError, PerplexityResult, perplexity, perplexity_of_texts, read_documents
 
-__all__ = ["EvalDataError", "Item", "PerplexityResult", "Row", "encode_pair", "load_hellaswag", "load_mmlu",
-           "loglikelihoods", "perplexity", "read_documents", "score_items", "score_rows", "summarize"]
+__all__ = ["EvalDataError", "Item", "PerplexityResult", "Row", "encode_pair", "evaluate", "load_hellaswag",
+           "load_mmlu", "load_task", "loglikelihoods", "perplexity", "perplexity_of_texts", "read_documents",
+           "score_items", "score_rows", "summarize"]

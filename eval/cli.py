@@ -75,17 +75,15 @@ def _model_source(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from eval.perplexity import perplexity, read_documents
+    from eval.perplexity import perplexity_of_texts, read_documents
     from phi3jax.cli import load_model
 
     texts = read_documents(args.data, args.text_key)
     cfg, params, tokenizer = load_model(args)
-    docs = [tokenizer.encode(t) for t in texts]
-    num_bytes = sum(len(t.encode("utf-8")) for t, d in zip(texts, docs, strict=True) if d)
     start = time.perf_counter()
-    result = perplexity(params, cfg, docs, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
-                        bos_id=None if args.no_bos else tokenizer.bos_id, num_bytes=num_bytes,
-                        progress=False if args.no_progress else "perplexity")
+    result = perplexity_of_texts(params, cfg, tokenizer, texts, add_bos=not args.no_bos, seq_len=args.seq_len,
+                                 stride=args.stride, batch_size=args.batch_size,
+                                 progress=False if args.no_progress else "perplexity")
     seconds = time.perf_counter() - start
     report = {"task": "perplexity", "model": _model_source(args), "data": args.data, **result.to_dict(),
               "seconds": seconds}

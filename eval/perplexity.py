@@ -156,10 +156,9 @@ def perplexity(params: Params, cfg: Phi3Config, documents: Sequence[Sequence[int
     return PerplexityResult(docs, tokens, nll, num_bytes, len(rows), seq_len, stride, bos_id)
 
 
-def evaluate_file(params: Params, cfg: Phi3Config, tokenizer: Any, path: str, text_key: str = "text",
-                  add_bos: bool = True, **kwargs: Any) -> PerplexityResult:
-    """Read, tokenise and score a .txt / .jsonl file (see `read_documents`)."""
-    texts = read_documents(path, text_key)
+def perplexity_of_texts(params: Params, cfg: Phi3Config, tokenizer: Any, texts: Sequence[str], add_bos: bool = True,
+                        **kwargs: Any) -> PerplexityResult:
+    """Tokenise `texts` (one document each) and score them; kwargs go to `perplexity`."""
     docs = [tokenizer.encode(t) for t in texts]
     num_bytes = sum(len(t.encode("utf-8")) for t, d in zip(texts, docs, strict=True) if d)
     return perplexity(params, cfg, docs, bos_id=tokenizer.bos_id if add_bos else None, num_bytes=num_bytes,

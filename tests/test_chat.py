@@ -171,3 +171,11 @@ def test_generate_command_batches_several_prompts(model_dir, capsys):
 def test_generate_rejects_a_missing_model(tmp_path, capsys):
     assert main(["generate", "--hf-dir", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_generate_reads_the_prompt_from_stdin(model_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi"))
+    assert main(["generate", "--hf-dir", str(model_dir), "--prompt", "-", "--chat", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == "Hello world\n"

@@ -39,5 +39,5 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     seconds = time.perf_counter() - start
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "max |logit difference|" in outputs
-    assert (tmp_path / "work" / "runs" / "sft").is_dir() and (tmp_path / "work" / "sft-q8_0.gguf").is_file()
+    assert (tmp_path / "work" / "runs" / "sft").is_dir() and (tmp_path / "work" / "sft-f16.gguf").is_file()
     assert seconds < 300, f"the notebook took {seconds:.0f}s; CI allows 5 minutes"

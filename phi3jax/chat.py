@@ -232,7 +232,7 @@ def add_chat_cli(subparsers: Any) -> None:
 
     p = subparsers.add_parser("chat", help="chat with a model in the terminal",
                               description="Chat with a model: one line per message (from a terminal or a pipe); "
-                              "replies stream as they are generated and the conversation is kept. " + HELP)
+                              "replies stream as they are generated and the conversation is kept.\n\n" + HELP)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_source(p)
     p.add_argument("--system", default=None, help="system prompt")

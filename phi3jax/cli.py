@@ -17,6 +17,7 @@ COMMANDS = (
     "phi3jax.chat:add_generate_cli",
     "phi3jax.chat:add_chat_cli",
     "eval.cli:add_eval_cli",
+    "phi3jax.convert.cli:add_cli",
 )
 
 

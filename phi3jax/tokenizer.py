@@ -82,7 +82,8 @@ class Tokenizer:
         self.sp_model_path = path
         self.sp = spm.SentencePieceProcessor(model_file=path)
         added = {t.content: t for t in added_tokens}
-        # Control pieces (<s>, </s>) are special; user-defined pieces (train.py's chat tokens)
+        # Control pieces (<s>, </s>) and the unknown piece (<unk>) are special, as in Phi-3's fast
+        # tokenizer (the text "<unk>" is token 0); user-defined pieces (train.py's chat tokens)
         # behave like Phi-3's added tokens.
         proto = sp_model_pb2.ModelProto()
         with open(path, "rb") as f:
@@ -90,7 +91,7 @@ class Tokenizer:
         for i, piece in enumerate(proto.pieces):
             if piece.piece in added:
                 continue
-            if piece.type == piece.CONTROL:
+            if piece.type in (piece.CONTROL, piece.UNKNOWN):
                 added[piece.piece] = AddedToken(piece.piece, i, special=True)
             elif piece.type == piece.USER_DEFINED:
                 added[piece.piece] = AddedToken(piece.piece, i, special=True,

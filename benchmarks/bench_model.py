@@ -1,0 +1,171 @@
+"""Forward and greedy-decode throughput of phi3jax against Hugging Face transformers, side by side.
+
+Same config, same float32 weights, same tokens, one process, torch limited to the same thread
+count JAX gets. Also measures this machine's limits in the same run: float32 matmul GFLOP/s
+and memory bandwidth (decode of a float32 model is bounded by bandwidth / weight bytes read per
+token). And the jit compile time of a 32-layer model against a 4-layer one (nn.scan keeps it flat).
+
+    python benchmarks/bench_model.py            # the issue's CPU config
+    python benchmarks/bench_model.py --quick    # a smaller config, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from phi3jax import forward, generate, load_hf  # noqa: E402
+from phi3jax.config import Phi3Config  # noqa: E402
+from phi3jax.model import _forward, init_params  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+CONFIG = dict(vocab_size=32064, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
+              original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
+QUICK = dict(CONFIG, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4)
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 2048) -> dict[str, float]:
+    a = np.random.rand(n, n).astype(np.float32)
+    flops = 2 * n**3
+    ta, tb = torch.from_numpy(a), torch.from_numpy(a.copy())
+    torch_s = timeit(lambda: torch.mm(ta, tb), 5)
+    ja = jnp.asarray(a)
+    mm = jax.jit(jnp.matmul)
+    jax_s = timeit(lambda: mm(ja, ja).block_until_ready(), 5)
+    return {"torch": flops / torch_s / 1e9, "jax": flops / jax_s / 1e9}
+
+
+def bandwidth_gbs(n_bytes: int = 512 * 2**20) -> float:
+    """Read + write bandwidth of a large copy (bytes moved / time), the best of torch and numpy."""
+    src = torch.ones(n_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), 5)
+    a = np.ones(n_bytes // 4, np.float32)
+    b = np.empty_like(a)
+    t2 = timeit(lambda: np.copyto(b, a), 5)
+    return 2 * n_bytes / min(t, t2) / 1e9
+
+
+def build(directory: str, config: dict) -> tuple:
+    hf_config = transformers.Phi3Config(**config)
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(hf_config).eval()
+    hf.save_pretrained(directory)
+    cfg, params = load_hf(directory)
+    return hf, cfg, params
+
+
+def bench_forward(hf, cfg, params, batch: int, length: int, repeats: int) -> dict:
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, length)).astype(np.int32)
+    tt = torch.as_tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        ref = hf(tt).logits.numpy()
+    ours = np.asarray(forward(params, cfg, tokens))
+    max_diff = float(np.abs(ours - ref).max())
+
+    def hf_run():
+        with torch.no_grad():
+            hf(tt)
+
+    hf_s = timeit(hf_run, repeats)
+    jax_s = timeit(lambda: forward(params, cfg, tokens).block_until_ready(), repeats)
+    n = batch * length
+    return {"hf_tokens_per_s": n / hf_s, "phi3jax_tokens_per_s": n / jax_s, "speedup": hf_s / jax_s,
+            "max_abs_logit_diff": max_diff}
+
+
+def bench_decode(hf, cfg, params, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    prompt = np.random.RandomState(1).randint(3, cfg.vocab_size, (1, prompt_len))
+    tt = torch.as_tensor(prompt, dtype=torch.long)
+
+    def hf_run():
+        with torch.no_grad():
+            return hf.generate(tt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=cfg.pad_token_id)
+
+    hf_tokens = hf_run()[0, prompt_len:].numpy()
+
+    def ours_run():
+        return generate(params, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=[], chunk_size=new_tokens)
+
+    ours_tokens = ours_run().tokens[0]
+    hf_s = timeit(hf_run, repeats)
+    jax_s = timeit(ours_run, repeats)
+    return {"hf_tokens_per_s": new_tokens / hf_s, "phi3jax_tokens_per_s": new_tokens / jax_s,
+            "speedup": hf_s / jax_s, "same_tokens": bool((hf_tokens == ours_tokens).all())}
+
+
+def compile_seconds(layers: int, config: dict) -> float:
+    cfg = Phi3Config.from_hf(dict(config, num_hidden_layers=layers))
+    params = jax.eval_shape(lambda: init_params(cfg, 0))
+    tokens = jax.ShapeDtypeStruct((4, 512), jnp.int32)
+    start = time.perf_counter()
+    jax.jit(_forward, static_argnums=1).lower(params, cfg, tokens, None, None, None).compile()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    config = QUICK if args.quick else CONFIG
+    results: dict = {"threads": THREADS, "jax": jax.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "config": config}
+    results["matmul_gflops"] = matmul_gflops()
+    results["bandwidth_gb_per_s"] = bandwidth_gbs()
+    with tempfile.TemporaryDirectory() as d:
+        hf, cfg, params = build(d, config)
+        n_params = cfg.num_params()
+        non_embed = n_params - cfg.vocab_size * cfg.hidden_size
+        results["params"] = n_params
+        fwd = bench_forward(hf, cfg, params, 4, 512, args.repeats)
+        flops_per_token = 2 * non_embed + 2 * cfg.num_hidden_layers * 512 * cfg.hidden_size  # + causal attention
+        peak = max(results["matmul_gflops"].values())
+        fwd["phi3jax_fraction_of_matmul_peak"] = fwd["phi3jax_tokens_per_s"] * flops_per_token / 1e9 / peak
+        fwd["hf_fraction_of_matmul_peak"] = fwd["hf_tokens_per_s"] * flops_per_token / 1e9 / peak
+        results["forward_4x512"] = fwd
+        dec = bench_decode(hf, cfg, params, 32, 128, args.repeats)
+        bound = results["bandwidth_gb_per_s"] * 1e9 / (4 * non_embed)
+        dec["bandwidth_bound_tokens_per_s"] = bound
+        dec["phi3jax_fraction_of_bound"] = dec["phi3jax_tokens_per_s"] / bound
+        dec["hf_fraction_of_bound"] = dec["hf_tokens_per_s"] / bound
+        results["decode_b1_p32_n128"] = dec
+    c4, c32 = compile_seconds(4, config), compile_seconds(32, config)
+    results["compile_seconds"] = {"layers_4": c4, "layers_32": c32, "ratio": c32 / c4}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from phi3jax.convert.cli import main
+
+sys.exit(main())

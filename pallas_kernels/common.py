@@ -125,8 +125,8 @@ class MaskInfo:
         if self.window is not None:
             lo = _maximum(offset + i * bq - self.window + 1, 0) // bk
         hi = last
-        if self.causal:
-            hi = _minimum((offset + (i + 1) * bq - 1) // bk, last)
+        if self.causal:  # the block's last real query row (padding rows need no keys)
+            hi = _minimum((offset + _minimum((i + 1) * bq, self.q_len) - 1) // bk, last)
         return lo, hi
 
     def q_range(self, j, offset):
@@ -134,13 +134,16 @@ class MaskInfo:
         bq, bk = self.block_q, self.block_k
         last = (self.q_len - 1) // bq
         lo = 0
-        if self.causal:
-            lo = _maximum(j * bk - offset, 0) // bq
         hi = last
         if self.window is not None:
             # Last query index that still sees key (j+1)*bk - 1: t <= (j+1)*bk + W - 2 - offset.
             top = (j + 1) * bk + self.window - 2 - offset
             hi = _minimum((_maximum(top, -bq) + bq) // bq - 1, last)
+        if self.causal:  # first query row that sees key j*bk; none if past the last real row
+            first_row = _maximum(j * bk - offset, 0)
+            lo = first_row // bq
+            # hi < lo when first_row >= q_len; integer min/max only (no selects: Triton-friendly).
+            hi = _minimum(hi, lo + (_maximum(self.q_len - 1 - first_row, -1) + 1) * self.num_q_blocks - 1)
         return lo, hi
 
     def block_needs_mask(self, i, j, offset):

@@ -25,6 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import cdiv, pad_axis, round_up
+from pallas_kernels.flash_tpu import interpret_arg
 
 LANES = 128
 NT = (((1,), (1,)), ((), ()))
@@ -113,7 +114,7 @@ def decode_tpu(q, k_cache, v_cache, lengths, *, window, scale, block_k=None, int
         functools.partial(_tpu_kernel, block=block, window=window, scale=scale, kv_heads=kv),
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((batch, kv, group, d), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        cost_estimate=cost, interpret=pltpu.InterpretParams() if interpret is True else interpret,
+        cost_estimate=cost, interpret=interpret_arg(interpret),
         name="phi3_decode_attention",
     )(lengths, q.reshape(batch, kv, group, d), k_cache, v_cache)
     return out.reshape(batch, heads, d)

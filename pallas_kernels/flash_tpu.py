@@ -37,9 +37,18 @@ VMEM_LIMIT = 64 * 1024 * 1024
 PARALLEL, ARBITRARY = "parallel", "arbitrary"
 
 
-def _interpret_arg(interpret):
+def interpret_arg(interpret):
+    """pallas_call's `interpret` for a TPU kernel.
+
+    True: the TPU interpreter (`pltpu.InterpretParams()`, TPU semantics: DMAs, semaphores,
+    races); an InterpretParams object as given; "hlo": Pallas' generic interpreter, which
+    (unlike the TPU interpreter in jax 0.10) also runs inside shard_map over several CPU
+    devices; False: compile for the TPU.
+    """
     if interpret is True:
         return pltpu.InterpretParams()
+    if interpret == "hlo":
+        return True
     return interpret or False
 
 
@@ -191,7 +200,7 @@ def flash_fwd(q5, k4, v4, offset, qseg, kseg, *, info: MaskInfo, scale: float, i
         grid_spec=grid_spec, out_shape=out_shape,
         compiler_params=_compiler_params((PARALLEL, PARALLEL, PARALLEL, ARBITRARY)),
         cost_estimate=_cost(info, batch, kv_heads, group, head_dim, q5.dtype.itemsize, 2),
-        interpret=_interpret_arg(interpret), name="phi3_flash_fwd",
+        interpret=interpret_arg(interpret), name="phi3_flash_fwd",
     )(*prefetch, *operands)
     return o, lse[..., 0]
 
@@ -266,7 +275,7 @@ def flash_bwd_dq(q5, k4, v4, do5, lse, di, offset, qseg, kseg, *, info: MaskInfo
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
         compiler_params=_compiler_params((PARALLEL, PARALLEL, PARALLEL, ARBITRARY)),
         cost_estimate=_cost(info, batch, kv_heads, group, head_dim, q5.dtype.itemsize, 3),
-        interpret=_interpret_arg(interpret), name="phi3_flash_bwd_dq",
+        interpret=interpret_arg(interpret), name="phi3_flash_bwd_dq",
     )(*prefetch, *operands)
 
 
@@ -350,7 +359,7 @@ def flash_bwd_dkv(q5, k4, v4, do5, lse, di, offset, qseg, kseg, *, info: MaskInf
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k4.dtype), jax.ShapeDtypeStruct(v4.shape, v4.dtype)],
         compiler_params=_compiler_params((PARALLEL, PARALLEL, PARALLEL, ARBITRARY)),
         cost_estimate=_cost(info, batch, kv_heads, group, head_dim, q5.dtype.itemsize, 4),
-        interpret=_interpret_arg(interpret), name="phi3_flash_bwd_dkv",
+        interpret=interpret_arg(interpret), name="phi3_flash_bwd_dkv",
     )(*prefetch, *operands)
 
 

@@ -10,10 +10,17 @@ from pallas_kernels.common import BlockSizes, gpu_defaults, tpu_defaults
 BACKENDS = ("tpu", "gpu")
 
 
+def target_platform() -> str:
+    """The platform being compiled for: the default device's (as set by `jax.default_device`,
+    e.g. a compile-only TPU device for ahead-of-time compiles), else JAX's default backend."""
+    device = jax.config.jax_default_device
+    platform = getattr(device, "platform", None) or (device if isinstance(device, str) else None)
+    return platform or jax.default_backend()
+
+
 def default_backend() -> str:
-    """'tpu' or 'gpu' for the running platform; CPU runs the TPU kernels interpreted."""
-    platform = jax.default_backend()
-    return "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"
+    """Kernel family for the target platform: 'gpu' on GPUs, else 'tpu' (interpreted on CPU)."""
+    return "gpu" if target_platform() in ("gpu", "cuda", "rocm") else "tpu"
 
 
 def _check(q, k, v):
@@ -40,8 +47,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.A
     A row that sees no key at all returns zeros (the XLA reference returns the mean of V).
 
     backend: 'tpu' (Mosaic) or 'gpu' (Triton); default from the running platform.
-    interpret: run in the Pallas interpreter (CPU); for 'tpu' True means
-    `pltpu.InterpretParams()`, or pass such an object (e.g. with detect_races=True).
+    interpret: run in the Pallas interpreter (CPU); for 'tpu' True means the TPU interpreter
+    `pltpu.InterpretParams()` (or pass one, e.g. with detect_races=True) and "hlo" the generic
+    interpreter (needed under shard_map over several CPU devices).
     """
     _check(q, k, v)
     backend = backend or default_backend()

@@ -84,7 +84,7 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     """
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r} is unknown; use one of {IMPLS}")
-    platform = platform or jax.default_backend()
+    platform = platform or _target_platform()
     on_accelerator = platform in ("tpu", "gpu", "cuda", "rocm")
     if impl == "auto":
         choice = "pallas" if on_accelerator else "xla"
@@ -102,6 +102,12 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
         _log_once(f"interpret:{impl}", f"attention_impl={impl!r} on {platform}: running the TPU kernels in the "
                   "Pallas interpreter (correct but slow; use 'xla' or 'auto' for speed)", logging.WARNING)
     return impl
+
+
+def _target_platform() -> str:
+    from pallas_kernels.ops import target_platform
+
+    return target_platform()
 
 
 def _context_mesh():
@@ -174,7 +180,7 @@ def _kernel_call(impl: str, q_bthd, k_bskd, v_bskd, q_offset_b, q_segment_ids_bt
 
     t, s = q_bthd.shape[1], k_bskd.shape[1]
     decoding = t == 1 and q_offset_b is not None and q_segment_ids_bt is None and causal
-    backend = "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu"
+    backend = "gpu" if _target_platform() in ("gpu", "cuda", "rocm") else "tpu"
     if impl == "cudnn":
         if q_offset_b is not None or q_segment_ids_bt is not None:
             _log_once("cudnn-fallback", "attention_impl='cudnn': segment ids and cache offsets are not supported "
@@ -218,10 +224,12 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
         return xla_attention(q_bthd, k_bskd, v_bskd, q_offset_b=q_offset_b,
                              q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
                              causal=causal, sliding_window=sliding_window)
-    interpret = jax.default_backend() == "cpu"
+    mesh = _context_mesh()
+    # On CPU the kernels run interpreted: the TPU interpreter on one device, Pallas' generic
+    # interpreter under a mesh (the TPU interpreter cannot run inside a multi-device shard_map).
+    interpret = _target_platform() == "cpu" and (True if mesh is None else "hlo")
     kind, fn = _kernel_call(resolved, q_bthd, k_bskd, v_bskd, q_offset_b, q_segment_ids_bt, kv_segment_ids_bs,
                             causal, sliding_window, interpret)
-    mesh = _context_mesh()
     if kind == "decode":
         lengths_b = q_offset_b + 1
         if mesh is None:

@@ -33,7 +33,7 @@ from pallas_kernels.common import MaskInfo, block_segment_ranges, pad_axis, roun
 LANES = 128
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NN = (((1,), (0,)), ((), ()))  # a @ b
-VMEM_LIMIT = 64 * 1024 * 1024
+VMEM_LIMIT = 32 * 1024 * 1024  # well above what the default blocks use (< 10 MiB)
 PARALLEL, ARBITRARY = "parallel", "arbitrary"
 
 
@@ -167,7 +167,8 @@ def _fwd_kernel(*refs, info: MaskInfo, group: int, scale: float):
             empty = l == 0.0  # a row that sees no key at all: output 0, lse +inf (zero grads)
             l_safe = jnp.where(empty, 1.0, l)
             o_ref[g] = (acc_sc[g] * (1.0 / l_safe)[:, :1]).astype(o_ref.dtype)
-            lse_ref[g] = jnp.where(empty, jnp.inf, m_sc[g] + jnp.log(l_safe))
+            lse = jnp.where(empty, jnp.inf, m_sc[g] + jnp.log(l_safe))  # [bq, 128], lanes all equal
+            lse_ref[g] = lse.T[:1]  # stored lane-dense: one [1, bq] row per head
 
 
 def flash_fwd(q5, k4, v4, offset, qseg, kseg, *, info: MaskInfo, scale: float, interpret=False):
@@ -186,9 +187,9 @@ def flash_fwd(q5, k4, v4, offset, qseg, kseg, *, info: MaskInfo, scale: float, i
     if info.has_segments:
         in_specs += _seg_specs(info, lambda b, h, i, j, *_: i, kv_index)
         operands += [qseg[:, None, :], kseg[:, None, :]]
-    out_specs = [q_spec, pl.BlockSpec((None, None, group, bq, LANES), lambda b, h, i, j, *_: (b, h, 0, i, 0))]
+    out_specs = [q_spec, pl.BlockSpec((None, None, group, 1, bq), lambda b, h, i, j, *_: (b, h, 0, 0, i))]
     out_shape = [jax.ShapeDtypeStruct(q5.shape, q5.dtype),
-                 jax.ShapeDtypeStruct((batch, kv_heads, group, t_pad, LANES), jnp.float32)]
+                 jax.ShapeDtypeStruct((batch, kv_heads, group, 1, t_pad), jnp.float32)]
     prefetch = _prefetch(offset, qseg, kseg, info)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(prefetch), grid=(batch, kv_heads, info.num_q_blocks, info.kv_blocks_per_q_block),
@@ -202,7 +203,7 @@ def flash_fwd(q5, k4, v4, offset, qseg, kseg, *, info: MaskInfo, scale: float, i
         cost_estimate=_cost(info, batch, kv_heads, group, head_dim, q5.dtype.itemsize, 2),
         interpret=interpret_arg(interpret), name="phi3_flash_fwd",
     )(*prefetch, *operands)
-    return o, lse[..., 0]
+    return o, lse[:, :, :, 0]
 
 
 # ------------------------------------------------------------------------------ backward: dq

@@ -11,6 +11,11 @@ Masking is described, not materialised by the caller:
     its own id so real tokens never attend to it).
 GQA: query heads are grouped over kv heads (consecutive query heads share one kv head) with
 an einsum, without repeating K and V in memory.
+
+Implementations (`Phi3Config.attention_impl`, see `resolve_impl` and docs/kernels.md): xla
+(this file's reference), pallas (`pallas_kernels`: flash attention, and the decode kernel for
+one query per row against a cache), splash and cudnn (JAX's kernels, where they fit the call),
+auto (pallas on TPU and GPU, xla on CPU). Under a mesh the kernels run inside shard_map.
 """
 
 from __future__ import annotations

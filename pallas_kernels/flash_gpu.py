@@ -56,7 +56,10 @@ def _loop_blocks(lo, hi, info: MaskInfo, needs_mask, body, carry, seg_live=None)
     def step(idx, c):
         if seg_live is not None:  # segment ids: always masked, skip blocks whose ids cannot meet
             return jax.lax.cond(seg_live(idx), lambda c: body(idx, c, True), lambda c: c, c)
-        return jax.lax.cond(needs_mask(idx), lambda c: body(idx, c, True), lambda c: body(idx, c, False), c)
+        masked = needs_mask(idx)
+        if isinstance(masked, bool):  # no mask at all (not causal, no window, no padding)
+            return body(idx, c, masked)
+        return jax.lax.cond(masked, lambda c: body(idx, c, True), lambda c: body(idx, c, False), c)
 
     return jax.lax.fori_loop(lo, hi + 1, step, carry)
 
@@ -81,9 +84,12 @@ def _fwd_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, info: MaskInfo, scale: f
         k = plgpu.load(k_ref.at[rows, :], mask=dmask, other=0.0)
         v = plgpu.load(v_ref.at[rows, :], mask=dmask, other=0.0)
         s = _dot(q, k, NT) * scale
+        mask = None
         if masked:
             k_seg = kseg_ref[rows] if info.has_segments else None
-            s = jnp.where(_tile_mask(info, offset, i, j, q_seg, k_seg), s, -jnp.inf)
+            mask = _tile_mask(info, offset, i, j, q_seg, k_seg)
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
         alpha = jnp.exp(m_prev - m_safe)
@@ -163,9 +169,12 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, 
         k = plgpu.load(k_ref.at[rows, :], mask=dmask, other=0.0)
         v = plgpu.load(v_ref.at[rows, :], mask=dmask, other=0.0)
         p = jnp.exp(_dot(q, k, NT) * scale - lse[:, None])
+        mask = None
         if masked:
             k_seg = kseg_ref[rows] if info.has_segments else None
-            p = jnp.where(_tile_mask(info, offset, i, j, q_seg, k_seg), p, 0.0)
+            mask = _tile_mask(info, offset, i, j, q_seg, k_seg)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         ds = p * (_dot(do, v, NT) - di[:, None])
         return dq + _dot(ds.astype(k.dtype), k, NN)
 
@@ -228,9 +237,12 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs,
             do = plgpu.load(do_ref.at[rows, g, :], mask=dmask, other=0.0)
             lse, di = lse_ref[g, rows], di_ref[g, rows]
             p = jnp.exp(_dot(q, k, NT) * scale - lse[:, None])  # [bq, bk]
+            mask = None
             if masked:
                 q_seg = qseg_ref[rows] if info.has_segments else None
-                p = jnp.where(_tile_mask(info, offset, i, j, q_seg, k_seg), p, 0.0)
+                mask = _tile_mask(info, offset, i, j, q_seg, k_seg)
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do, TN)
             ds = p * (_dot(do, v, NT) - di[:, None])
             return dk + _dot(ds.astype(q.dtype), q, TN), dv

@@ -44,11 +44,15 @@ log "repo $REPO, out $OUT, python $($PY --version 2>&1)"
 head -15 "$OUT/nvidia-smi.txt" | tee -a "$OUT/log.txt"
 
 # ---------------------------------------------------------------- 1. install
-if [ ! -x "$VENV/bin/python" ]; then
+# A machine image that already has a CUDA-enabled jax (any recent version) is used as it is.
+if "$PY" -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" > /dev/null 2>&1; then
+  VPY="$(command -v "$PY")"
+  status_install="preinstalled ($("$PY" -c 'import jax; print("jax", jax.__version__)'))"
+elif [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" >> "$OUT/log.txt" 2>&1 || { log "cannot create a venv with $PY"; exit 1; }
 fi
-VPY="$VENV/bin/python"
-if [ -d "$REPO/.whl" ]; then
+[ "$status_install" = "not run" ] && VPY="$VENV/bin/python"
+if [ "$status_install" = "not run" ] && [ -d "$REPO/.whl" ]; then
   log "installing from .whl/ ($(ls "$REPO/.whl" | wc -l) files)"
   timeout 300 "$VPY" -m pip install --no-index --find-links "$REPO/.whl" "$JAX_SPEC" "pytest>=8" > "$OUT/pip.txt" 2>&1 \
     && status_install="ok (.whl)"
@@ -79,16 +83,22 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # so program memory / peak numbers m
 # On a GPU backend the tests compile the Triton kernels (interpret only on CPU); TPU-interpreter
 # tests are skipped there.
 log "kernel tests (compiled for the GPU)"
-timeout 240 "$VPY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or block_ranges or pairwise" \
+timeout "${TEST_SECONDS:-240}" "$VPY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or block_ranges or pairwise" \
   --junitxml "$OUT/junit.xml" > "$OUT/tests.txt" 2>&1
 rc=$?
 status_tests="$(tail -1 "$OUT/tests.txt") (exit $rc)"
 [ $rc -eq 124 ] && status_tests="TIMED OUT after 240 s: $(grep -E 'passed|failed' "$OUT/tests.txt" | tail -1)"
 log "tests: $status_tests"
 
+# ---------------------------------------------------------------- 3a. the whole model, pallas vs xla
+log "model check (Phi-3-mini-shaped, bf16: logits, gradients, generation; pallas vs xla)"
+timeout "${MODEL_SECONDS:-150}" "$VPY" benchmarks/gpu_model_check.py > "$OUT/model_check.json" 2> "$OUT/model_check.err"
+log "model check: exit $?"
+tail -30 "$OUT/model_check.json" | tee -a "$OUT/log.txt"
+
 # ---------------------------------------------------------------- 3. benchmark
 log "benchmark (ours / xla / cudnn; fwd and fwd+bwd; seq 512..8192)"
-timeout 420 "$VPY" benchmarks/bench_attention.py --max-seconds 330 --case-seconds 40 --repeats 10 \
+timeout "${BENCH_SECONDS:-420}" "$VPY" benchmarks/bench_attention.py --max-seconds "${BENCH_BUDGET:-330}" --case-seconds 40 --repeats 10 \
   --json "$OUT/bench_attention.json" --markdown "$OUT/bench_attention.md" > "$OUT/bench.txt" 2>&1
 rc=$?
 status_bench="exit $rc"

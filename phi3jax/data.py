@@ -218,10 +218,13 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str) ->
     import sentencepiece as spm
 
     def lines() -> Iterator[str]:
+        # Paragraphs, not lines, so newlines become pieces (no byte fallback in a 2k vocabulary);
+        # SentencePiece skips sentences over 4192 bytes, hence the 2000-character slices.
         for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line[:4000]
+            for paragraph in text.split("\n\n"):
+                for start in range(0, len(paragraph), 2000):
+                    if paragraph[start: start + 2000].strip():
+                        yield paragraph[start: start + 2000]
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     prefix = out_path[: -len(".model")] if out_path.endswith(".model") else out_path

@@ -195,3 +195,10 @@ def test_chat_record_with_an_unknown_role_is_an_error(tmp_path):
 def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(DataError, match="matches no file"):
         data.read_documents(str(tmp_path / "nope*.txt"), "text")
+
+
+def test_trained_tokenizer_round_trips_code_with_newlines_and_indentation(tokenizer):
+    code = "def f(x):\n    return x\n\nfor i in range(3):\n    pass\n"
+    ids = tokenizer.encode(code)
+    assert tokenizer.sp.unk_id() not in ids
+    assert tokenizer.decode(ids) == code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -104,3 +105,10 @@ def test_every_shipped_config_loads(path):
 def test_config_round_trips_through_yaml():
     cfg = load_config(None, ["steps=9", "model.hidden_size=64", "optim.accum_steps=2"])
     assert from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_overriding_one_key_of_a_section_keeps_the_recipes_other_values():
+    default = load_config()
+    cfg = load_config(None, ["optim.learning_rate=5e-3", "log.every=1"])
+    assert cfg.optim == dataclasses.replace(default.optim, learning_rate=5e-3)
+    assert cfg.log == dataclasses.replace(default.log, every=1)

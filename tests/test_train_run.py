@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -29,8 +28,8 @@ def finished_run(tmp_path_factory, corpus):
     """One small run with every output switched on."""
     run_dir = tmp_path_factory.mktemp("run") / "small"
     cfg = small_config(run_dir, corpus, steps=6, save_every=3, keep_checkpoints=2,
-                       **{"log.every": 2, "log.eval_every": 3, "log.tensorboard": True, "log.plot": True,
-                          "log.baselines": True, "log.sample_prompt": "The", "log.sample_tokens": 8})
+                       **{"data.val_fraction": 0.2, "log.every": 2, "log.eval_every": 3, "log.tensorboard": True,
+                          "log.plot": True, "log.baselines": True, "log.sample_prompt": "The", "log.sample_tokens": 8})
     return cfg, trainer.train(cfg)
 
 
@@ -74,17 +73,17 @@ def test_a_run_directory_loads_for_generate_chat_and_eval(finished_run):
 
 
 def test_the_default_recipe_loss_falls_on_the_default_corpus(tmp_path):
-    """The tiny preset on pydoc topics, the real recipe but only 20 steps of 4 x 128 tokens."""
+    """The tiny preset on pydoc topics, the real recipe but only 15 steps of 4 x 128 tokens."""
     from phi3jax.train.config import load_config
 
-    cfg = load_config(None, [f"run_dir={tmp_path / 'tiny'}", "steps=20", "batch_size=4", "seq_len=128",
-                             "save_every=20", "optim.warmup_steps=5", "log.every=1", "log.eval_every=0",
+    cfg = load_config(None, [f"run_dir={tmp_path / 'tiny'}", "steps=15", "batch_size=4", "seq_len=128",
+                             "save_every=15", "optim.warmup_steps=5", "log.every=1", "log.eval_every=0",
                              "log.progress_bar=false", "log.tensorboard=false", "log.plot=false",
                              "log.sample_prompt=", "data.vocab_size=1024"])
     result = trainer.train(cfg)
     losses = [r["loss"] for r in read_metrics(result.run_dir) if r["split"] == "train"]
-    assert len(losses) == 20
-    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.7, losses
+    assert len(losses) == 15
+    assert np.mean(losses[-4:]) < np.mean(losses[:3]) - 0.7, losses
     assert result.val_loss is not None and result.val_loss < result.baselines["unigram"] + 1.0
 
 
@@ -165,15 +164,28 @@ def test_bad_run_settings_are_clear_errors(tmp_path, corpus, override, message):
         trainer.train(cfg)
 
 
-def test_train_py_reports_bad_input_and_exits_nonzero(tmp_path):
-    from trainutil import run_train_py
+def test_train_py_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
+    def run(*args):
+        code = trainer.main([*args, f"run_dir={tmp_path / 'r'}"])
+        return code, capsys.readouterr().err
 
     (tmp_path / "empty.txt").write_text("")
-    bad = run_train_py([f"data.path={tmp_path / 'empty.txt'}", f"run_dir={tmp_path / 'r'}"])
-    assert bad.returncode == 2 and "empty.txt is empty" in bad.stderr
-    unknown = run_train_py(["optim.lerning_rate=1"])
-    assert unknown.returncode == 2 and "optim.lerning_rate: unknown config key" in unknown.stderr
+    code, err = run(f"data.path={tmp_path / 'empty.txt'}")
+    assert code == 2 and "empty.txt is empty" in err
+    code, err = run("optim.lerning_rate=1")
+    assert code == 2 and "optim.lerning_rate: unknown config key" in err
     (tmp_path / "x.jsonl").write_text("not json\n")
-    bad_json = run_train_py([f"data.path={tmp_path / 'x.jsonl'}", "data.format=jsonl", f"run_dir={tmp_path / 'r'}"])
-    assert bad_json.returncode == 2 and "x.jsonl:1: not valid JSON" in bad_json.stderr
-    assert json.loads(json.dumps(bad_json.returncode)) == 2
+    code, err = run(f"data.path={tmp_path / 'x.jsonl'}", "data.format=jsonl")
+    assert code == 2 and "x.jsonl:1: not valid JSON" in err
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    code, err = run(f"data.path={tmp_path / 'c.jsonl'}", "data.format=chat")
+    assert code == 2 and "unknown role 'wizard'" in err
+    code, err = run("seq_len=100000")
+    assert code == 2 and "seq_len=100000 exceeds the model's max_position_embeddings" in err
+
+
+def test_train_py_runs_as_a_script():
+    from trainutil import run_train_py
+
+    done = run_train_py(["--print-config", "steps=3"])
+    assert done.returncode == 0 and "steps: 3" in done.stdout

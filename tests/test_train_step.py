@@ -7,7 +7,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from phi3jax.config import Phi3Config
 from phi3jax.model import init_params
@@ -76,10 +75,10 @@ def test_a_packed_row_gives_each_document_the_loss_it_has_alone():
         np.testing.assert_allclose(packed[seg == k + 1].sum(), single[k, :n].sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_accumulating_k_micro_batches_equals_one_big_batch_with_uneven_padding(k):
+def test_accumulating_k_micro_batches_equals_one_big_batch_with_uneven_padding():
     """float32: same loss and gradients up to summation order: rtol 1e-4, and an absolute slack of 1e-5 of
     each leaf's largest gradient (reordered float32 sums of terms up to 1e3x larger than the result)."""
+    k = 4
     rng = np.random.default_rng(2)
     # Micro-batches with very different numbers of counted tokens (one row almost all padding).
     batch = _random_batch(rng, 8, 24, padded_rows=[(0, 3), (1, 20), (5, 1), (6, 12)])
@@ -121,17 +120,22 @@ def test_weight_decay_skips_norms_and_embeddings_unless_configured():
     assert on["embed"] and on["final_norm"]["scale"]
 
 
-def test_bf16_compute_keeps_float32_master_weights_and_remat_matches():
-    batch = _random_batch(np.random.default_rng(4), 2, 16)
+def test_bf16_compute_keeps_float32_master_weights():
+    batch = _random_batch(np.random.default_rng(4), 1, 8)
     cfg16 = CFG.replace(dtype="bfloat16", param_dtype="float32")
     optimizer = make_optimizer(OptimConfig(warmup_steps=0), 10)
     state = init_train_state(init_params(cfg16, 0), optimizer)
     new, metrics = jax.jit(functools.partial(train_step, cfg=cfg16, optimizer=optimizer))(state, batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
-    assert np.isfinite(float(metrics["loss"]))
+    f32_loss = float(jax.jit(loss_and_grads, static_argnums=1)(init_params(CFG, 0), CFG, batch)[0])
+    assert abs(float(metrics["loss"]) - f32_loss) < 0.05  # bf16 activations: ~3 significant digits
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    batch = _random_batch(np.random.default_rng(5), 1, 8)
     params = init_params(CFG, 0)
-    plain = loss_and_grads(params, CFG, batch)
-    remat = loss_and_grads(params, CFG.replace(remat_policy="full"), batch)
+    grad = jax.jit(loss_and_grads, static_argnums=1)
+    plain, remat = grad(params, CFG, batch), grad(params, CFG.replace(remat_policy="full"), batch)
     np.testing.assert_allclose(float(plain[0]), float(remat[0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(plain[2]), jax.tree.leaves(remat[2]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

@@ -87,13 +87,13 @@ class LogConfig:
 class TrainConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
     data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1)
+    optim: OptimConfig = OptimConfig(learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1)
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
     log: LogConfig = LogConfig()
     run_dir: str | None = None  # None: runs/<config name>
-    steps: int = 250
-    batch_size: int = 16  # global, in rows of seq_len tokens
+    steps: int = 400
+    batch_size: int = 8  # global, in rows of seq_len tokens
     seq_len: int = 256
     seed: int = 0
     save_every: int = 100
@@ -237,7 +237,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, default: Any = None) -> Any:
+    """An instance of dataclass `cls` from a mapping; keys not given keep `default`'s values (a section's
+    own default, e.g. the tiny recipe's optimiser), else the class defaults."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -249,16 +251,27 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise TrainConfigError(f"{prefix}{unknown[0]}: unknown config key; valid keys here: {sorted(fields)}")
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
+        field_default = getattr(default, key, None) if default is not None else _field_default(fields[key])
+        kwargs[key] = _coerce(hints[key], value, prefix + key, field_default)
+    if default is not None:
+        kwargs = {**{name: getattr(default, name) for name in fields}, **kwargs}
     try:
         return cls(**kwargs)
     except ValueError as e:  # OptimConfig's own range checks name `optim.<field>`
         raise TrainConfigError(str(e)) from None
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _coerce(hint: Any, value: Any, key: str, default: Any = None) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return _build(hint, value, key + ".", default if dataclasses.is_dataclass(default) else None)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)

@@ -47,8 +47,8 @@ from phi3jax.train.config import (
 from phi3jax.train.step import TrainState, learning_rate_schedule, loss_sums, make_optimizer, train_step
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
-# Test-only fault injection: "kill_after_step:N", "kill_in_save:N" (SIGKILL while an async save of
-# step N is being written) or "sigterm_after_step:N".
+# Test-only fault injection: "kill_after_step:N" (SIGKILL once earlier saves are on disk),
+# "kill_in_save:N" (SIGKILL right after the async save of step N started) or "sigterm_after_step:N".
 FAULT_ENV = "PHI3JAX_TEST_FAULT"
 
 
@@ -202,13 +202,15 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _fault(point: str, step: int) -> None:
+def _fault(point: str, step: int, manager: Any = None) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     for item in spec.split(","):
         name, _, at = item.partition(":")
         if name == point and at and int(at) == step:
+            if point == "kill_after_step" and manager is not None:
+                manager.wait_until_finished()  # "between saves": the earlier saves are on disk
             if point == "sigterm_after_step":
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
@@ -365,7 +367,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         logger.log(step, "val", {"loss": result[0], "ppl": math.exp(min(result[0], 50.0))})
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     save(step)
-                _fault("kill_after_step", step)
+                _fault("kill_after_step", step, manager)
                 _fault("sigterm_after_step", step)
                 if preemption.requested:
                     save(step, force=True)
@@ -385,7 +387,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         result = evaluate(state.params)
         if result is not None:
             val_loss = result[0]
-            if primary:
+            if primary and final_step > start_step:
                 with open(os.path.join(run_dir, metrics_lib.METRICS_FILE), "a", encoding="utf-8") as f:
                     import json
 

@@ -189,3 +189,18 @@ def test_train_py_runs_as_a_script():
 
     done = run_train_py(["--print-config", "steps=3"])
     assert done.returncode == 0 and "steps: 3" in done.stdout
+
+
+def test_chat_fine_tuning_runs_with_the_phi3_tokenizer(tmp_path, phi3_vocab):
+    """data.format=chat with the real Phi-3 vocabulary (tokenizer.model + its added tokens): the model's
+    vocab follows it (32064), and only part of each batch (the assistant replies) carries loss."""
+    import pathlib
+
+    chats = pathlib.Path(__file__).resolve().parent.parent / "configs" / "data" / "chat_example.jsonl"
+    cfg = small_config(tmp_path / "sft", str(chats), steps=2, **{"data.format": "chat",
+                                                                 "data.tokenizer": str(phi3_vocab)})
+    result = trainer.train(cfg)
+    model_cfg, _, tok = ckpt.load_run(result.run_dir)
+    assert model_cfg.vocab_size == 32064 and tok.token_id("<|end|>") == 32007
+    for record in (r for r in read_metrics(result.run_dir) if r["split"] == "train"):
+        assert 0 < record["tokens"] < cfg.batch_size * cfg.seq_len / 2

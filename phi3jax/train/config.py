@@ -87,7 +87,7 @@ class LogConfig:
 class TrainConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
     data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig(learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1)
+    optim: OptimConfig = OptimConfig(learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
     log: LogConfig = LogConfig()

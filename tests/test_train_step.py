@@ -139,3 +139,16 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(float(plain[0]), float(remat[0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(plain[2]), jax.tree.leaves(remat[2]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_token_nll_is_the_softmax_cross_entropy_of_the_logits():
+    import optax
+
+    from phi3jax.model import Phi3
+
+    batch = _random_batch(np.random.default_rng(6), 2, 8)
+    params = init_params(CFG.replace(initializer_range=0.5), 0)
+    logits, _ = Phi3(CFG).apply({"params": params}, batch["inputs"], batch["positions"],
+                                segment_ids_bt=batch["segment_ids"])
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    np.testing.assert_allclose(np.asarray(token_nll(params, CFG, batch)), np.asarray(expected), rtol=1e-6)

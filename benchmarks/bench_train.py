@@ -2,7 +2,8 @@
 
 Same config, same float32 initial weights, same batch (4 x 512 tokens), same optimiser (AdamW,
 global-norm clipping 1.0, weight decay 0.1), one process, torch limited to the thread count JAX
-gets. One training step = forward, backward, clipping, AdamW update. Also measures this machine's
+gets. One training step = forward, backward, clipping, AdamW update; the two are timed in turn,
+step for step, so a shared machine's load falls on both alike. Also measures this machine's
 float32 matmul peak in the same run, and reports phi3jax's MFU against it: model FLOPs per token
 (6 N + 12 L H hd T, as the trainer logs it) x tokens/s / measured matmul FLOP/s.
 
@@ -19,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
@@ -69,7 +71,7 @@ def matmul_gflops(n: int = 2048) -> dict[str, float]:
     return {"torch": flops / torch_s / 1e9, "jax": flops / jax_s / 1e9}
 
 
-def hf_train_step_time(model: torch.nn.Module, tokens: np.ndarray, repeats: int) -> tuple[float, list[float]]:
+def hf_train_step(model: torch.nn.Module, tokens: np.ndarray) -> tuple[Callable[[], None], list[float]]:
     decay = [p for n, p in model.named_parameters()]
     opt = torch.optim.AdamW(decay, lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
                             weight_decay=OPTIM.weight_decay)
@@ -87,10 +89,10 @@ def hf_train_step_time(model: torch.nn.Module, tokens: np.ndarray, repeats: int)
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
 
-    return timeit(step, repeats), losses
+    return step, losses
 
 
-def jax_train_step_time(params, cfg, tokens: np.ndarray, repeats: int) -> tuple[float, list[float]]:
+def jax_train_step(params, cfg, tokens: np.ndarray) -> tuple[Callable[[], None], list[float]]:
     optimizer = make_optimizer(OPTIM, 1000)
     b, t = tokens.shape[0], tokens.shape[1] - 1
     batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
@@ -104,7 +106,20 @@ def jax_train_step_time(params, cfg, tokens: np.ndarray, repeats: int) -> tuple[
         state[0], metrics = step_fn(state[0], batch)
         losses.append(float(metrics["loss"]))  # waits for the step
 
-    return timeit(step, repeats), losses
+    return step, losses
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median step time of each, timing them in turn so that both see the same machine load."""
+    for step in steps.values():
+        step()  # compile / warm up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -112,7 +127,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small config, to check the script")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     config = QUICK if args.quick else CONFIG
@@ -127,9 +142,10 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, config["vocab_size"], (b, t + 1))
 
     peak = matmul_gflops()
-    jax_s, jax_losses = jax_train_step_time(params, cfg, tokens, args.repeats)
-    del params
-    hf_s, hf_losses = hf_train_step_time(hf, tokens, args.repeats)
+    jax_step, jax_losses = jax_train_step(params, cfg, tokens)
+    hf_step, hf_losses = hf_train_step(hf, tokens)
+    medians = interleaved_medians({"phi3jax": jax_step, "hf": hf_step}, args.repeats)
+    jax_s, hf_s = medians["phi3jax"], medians["hf"]
     peak = {k: max(v, w) for (k, v), w in zip(peak.items(), matmul_gflops().values(), strict=True)}  # best of 2
 
     flops = train_flops_per_token(cfg, t) * b * t

@@ -196,11 +196,18 @@ def test_chat_fine_tuning_runs_with_the_phi3_tokenizer(tmp_path, phi3_vocab):
     vocab follows it (32064), and only part of each batch (the assistant replies) carries loss."""
     import pathlib
 
+    from phi3jax.data import Tokenize, read_documents
+
     chats = pathlib.Path(__file__).resolve().parent.parent / "configs" / "data" / "chat_example.jsonl"
     cfg = small_config(tmp_path / "sft", str(chats), steps=2, **{"data.format": "chat",
                                                                  "data.tokenizer": str(phi3_vocab)})
     result = trainer.train(cfg)
     model_cfg, _, tok = ckpt.load_run(result.run_dir)
     assert model_cfg.vocab_size == 32064 and tok.token_id("<|end|>") == 32007
+    # Counted tokens per step: the assistant replies of the packed conversations, never the whole rows.
+    docs = read_documents(str(chats), "chat")
+    examples = [Tokenize(tok).map(d) for d in docs]
+    share = sum(e["loss_mask"].sum() for e in examples) / sum(len(e["inputs"]) for e in examples)
+    assert 0.2 < share < 0.8
     for record in (r for r in read_metrics(result.run_dir) if r["split"] == "train"):
-        assert 0 < record["tokens"] < cfg.batch_size * cfg.seq_len / 2
+        assert 0 < record["tokens"] < cfg.batch_size * cfg.seq_len * 0.8

@@ -399,8 +399,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.log.sample_prompt:
             sample = _sample(state.params, model_cfg, tokenizer, cfg, chat=d.format == "chat")
             if primary:
-                print(f"sample ({cfg.log.sample_tokens} tokens, temperature 0.8, top-k 40):\n"
-                      f"{cfg.log.sample_prompt}{sample}", flush=True)
+                shown = (f"<|user|> {cfg.log.sample_prompt}\n<|assistant|> {sample}" if d.format == "chat"
+                         else f"{cfg.log.sample_prompt}{sample}")
+                print(f"sample ({cfg.log.sample_tokens} tokens, temperature 0.8, top-k 40):\n{shown}", flush=True)
     seconds = time.perf_counter() - start_time
     if primary:
         print(f"{status} at step {final_step} in {seconds:.1f}s; checkpoints in "

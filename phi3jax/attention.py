@@ -11,9 +11,17 @@ Masking is described, not materialised by the caller:
     its own id so real tokens never attend to it).
 GQA: query heads are grouped over kv heads (consecutive query heads share one kv head) with
 an einsum, without repeating K and V in memory.
+
+Implementations (`Phi3Config.attention_impl`, see `resolve_impl` and docs/kernels.md): xla
+(this file's reference), pallas (`pallas_kernels`: flash attention, and the decode kernel for
+one query per row against a cache), splash and cudnn (JAX's kernels, where they fit the call),
+auto (pallas on TPU and GPU, xla on CPU). Under a mesh the kernels run inside shard_map.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +69,141 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     return out_btkgd.reshape(b, t, h, d)
 
 
-def resolve_impl(impl: str) -> str:
-    """The implementation `impl` stands for on this backend."""
-    if impl in ("auto", "xla"):
-        return "xla"
-    raise ValueError(
-        f"attention_impl={impl!r} is not available in this build; use 'xla' (or 'auto').")
+IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
+_logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str, level: int = logging.INFO) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        _logger.log(level, message)
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` stands for on `platform` (default: JAX's default backend).
+
+    auto: our Pallas kernels on TPU and GPU, XLA on CPU (the kernels would only run
+    interpreted there). pallas / splash / cudnn are honoured where they can run and
+    rejected with the reason where they cannot; pallas on CPU runs interpreted (slow, for tests).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is unknown; use one of {IMPLS}")
+    platform = platform or _target_platform()
+    on_accelerator = platform in ("tpu", "gpu", "cuda", "rocm")
+    if impl == "auto":
+        choice = "pallas" if on_accelerator else "xla"
+        why = (f"the Pallas flash/decode kernels are compiled for {platform}" if on_accelerator
+               else f"no accelerator ({platform}): XLA is the fast path; the Pallas kernels would run interpreted")
+        _log_once(f"auto:{platform}", f"attention_impl=auto -> {choice}: {why}")
+        return choice
+    if impl == "splash" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"attention_impl='splash' is a TPU kernel and cannot run on {platform}; "
+                         "use 'pallas', 'cudnn' or 'auto'")
+    if impl == "cudnn" and platform not in ("gpu", "cuda"):
+        raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (running on {platform}); "
+                         "use 'auto', 'pallas' or 'xla'")
+    if impl in ("pallas", "splash") and not on_accelerator:
+        _log_once(f"interpret:{impl}", f"attention_impl={impl!r} on {platform}: running the TPU kernels in the "
+                  "Pallas interpreter (correct but slow; use 'xla' or 'auto' for speed)", logging.WARNING)
+    return impl
+
+
+def _target_platform() -> str:
+    from pallas_kernels.ops import target_platform
+
+    return target_platform()
+
+
+def _context_mesh():
+    """The mesh made current by jax.set_mesh / `with mesh:` (or None)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    try:  # the legacy `with Mesh(...):` context
+        from jax._src.mesh import thread_resources
+
+        physical = thread_resources.env.physical_mesh
+        return None if physical.empty else physical
+    except (ImportError, AttributeError):
+        return None
+
+
+def _mesh_axes(logical: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Mesh axes that a logical activation axis maps to under the current flax rules."""
+    import flax.linen as nn
+
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return default
+    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _splash(q_bthd, k_bskd, v_bskd, *, q_offset=None, q_segment_ids=None, kv_segment_ids=None, causal=True,
+            sliding_window=None, interpret=False):
+    """JAX's splash attention (TPU) behind our signature: [B,T,H,D] in and out."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    del q_offset  # callers route offsets elsewhere
+    b, t, h, d = q_bthd.shape
+    s = k_bskd.shape[1]
+    block = next(size for size in (512, 256, 128) if t % size == 0 and s % size == 0)
+    if sliding_window is not None:
+        one = sa.LocalMask((t, s), window_size=(sliding_window - 1, 0 if causal else None), offset=0)
+    elif causal:
+        one = sa.CausalMask((t, s))
+    else:
+        one = sa.FullMask((t, s))
+    blocks = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask([one] * h), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    q = (q_bthd * jnp.asarray(d ** -0.5, q_bthd.dtype)).transpose(0, 2, 1, 3)
+    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    if q_segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        segs = sa.SegmentIds(q=q_segment_ids.astype(jnp.int32), kv=kv_seg.astype(jnp.int32))
+        out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(q, k, v, segs)
+    return out.transpose(0, 2, 1, 3).astype(v_bskd.dtype)
+
+
+def _cudnn(q_bthd, k_bskd, v_bskd, *, causal=True, sliding_window=None, **_):
+    window = None if sliding_window is None else (sliding_window - 1, 0 if causal else sliding_window)
+    return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, is_causal=causal, local_window_size=window,
+                                        implementation="cudnn")
+
+
+def _kernel_call(impl: str, q_bthd, k_bskd, v_bskd, q_offset_b, q_segment_ids_bt, kv_segment_ids_bs, causal,
+                 sliding_window, interpret):
+    """The kernel call for a resolved non-XLA impl, or None where that impl cannot take the case."""
+    import pallas_kernels as pk
+
+    t, s = q_bthd.shape[1], k_bskd.shape[1]
+    decoding = t == 1 and q_offset_b is not None and q_segment_ids_bt is None and causal
+    backend = "gpu" if _target_platform() in ("gpu", "cuda", "rocm") else "tpu"
+    if impl == "cudnn":
+        if q_offset_b is not None or q_segment_ids_bt is not None:
+            _log_once("cudnn-fallback", "attention_impl='cudnn': segment ids and cache offsets are not supported "
+                      "by cuDNN here; those calls use the Pallas kernels", logging.WARNING)
+            impl = "pallas"
+        else:
+            return "flash", functools.partial(_cudnn, causal=causal, sliding_window=sliding_window)
+    if impl == "splash":
+        if q_offset_b is None and t == s and t % 128 == 0:
+            return "flash", functools.partial(_splash, causal=causal, sliding_window=sliding_window,
+                                              interpret=interpret)
+        _log_once("splash-fallback", "attention_impl='splash': cache offsets and lengths that are not multiples "
+                  "of 128 are not supported by splash; those calls use the Pallas kernels", logging.WARNING)
+    if decoding:
+        return "decode", functools.partial(pk.decode_attention, sliding_window=sliding_window, backend=backend,
+                                           interpret=interpret)
+    return "flash", functools.partial(pk.flash_attention, causal=causal, sliding_window=sliding_window,
+                                      backend=backend, interpret=interpret)
 
 
 def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
@@ -78,19 +215,55 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     q [B, T, H, D]; k, v [B, S, KV, D] with KV dividing H. `q_offset_b` [B] is the index
     of each row's first query in the key sequence (0 for self-attention over the same
     tokens, the cache position when decoding). Returns [B, T, H, D] in v's dtype.
+
+    `impl` (see `resolve_impl`): xla is the reference; pallas runs our flash kernel (and,
+    for one query per row against a cache, the decode kernel); splash and cudnn run JAX's
+    kernels where they support the case. Under a mesh (jax.set_mesh or `with mesh:`) the
+    kernels run per device through shard_map over the batch and head axes that the flax
+    logical rules give `batch` and `act_heads`.
     """
     if q_bthd.shape[2] % k_bskd.shape[2]:
         raise ValueError(f"{q_bthd.shape[2]} query heads cannot share {k_bskd.shape[2]} kv heads")
-    resolve_impl(impl)
+    resolved = resolve_impl(impl)
     if q_offset_b is None and kv_segment_ids_bs is None and q_bthd.shape[1] == k_bskd.shape[1]:
         # Under a mesh that splits sequences (phi3jax.sharding, mesh.sequence > 1), self-attention
-        # runs as ring attention so no device ever holds a whole sequence's keys.
+        # runs as ring attention, so no device ever holds a whole sequence's keys.
         from phi3jax import ring_attention as ring
 
         mesh = ring.sequence_parallel_mesh()
         if mesh is not None:
+            if resolved != "xla":
+                _log_once(f"ring:{resolved}", f"attention_impl={resolved!r} under mesh.sequence="
+                          f"{mesh.shape['sequence']}: ring attention computes its blocks with XLA (the kernels "
+                          "shard batch and heads, not the sequence)")
             return ring.ring_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=q_segment_ids_bt, causal=causal,
                                        sliding_window=sliding_window, mesh=mesh)
-    return xla_attention(q_bthd, k_bskd, v_bskd, q_offset_b=q_offset_b,
-                         q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
-                         causal=causal, sliding_window=sliding_window)
+    if resolved == "xla":
+        return xla_attention(q_bthd, k_bskd, v_bskd, q_offset_b=q_offset_b,
+                             q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
+                             causal=causal, sliding_window=sliding_window)
+    mesh = _context_mesh()
+    # On CPU the kernels run interpreted: the TPU interpreter on one device, Pallas' generic
+    # interpreter under a mesh (the TPU interpreter cannot run inside a multi-device shard_map).
+    interpret = _target_platform() == "cpu" and (True if mesh is None else "hlo")
+    kind, fn = _kernel_call(resolved, q_bthd, k_bskd, v_bskd, q_offset_b, q_segment_ids_bt, kv_segment_ids_bs,
+                            causal, sliding_window, interpret)
+    if kind == "decode":
+        lengths_b = q_offset_b + 1
+        if mesh is None:
+            return fn(q_bthd[:, 0], k_bskd, v_bskd, lengths_b)[:, None]
+        import pallas_kernels as pk
+
+        return pk.sharded_decode_attention(
+            q_bthd[:, 0], k_bskd, v_bskd, lengths_b, mesh=mesh, batch_axes=_mesh_axes("batch", ("data", "fsdp")),
+            head_axes=_mesh_axes("act_heads", ("tensor",)), sliding_window=sliding_window,
+            backend=fn.keywords["backend"], interpret=interpret)[:, None]
+    if mesh is None:
+        return fn(q_bthd, k_bskd, v_bskd, q_offset=q_offset_b, q_segment_ids=q_segment_ids_bt,
+                  kv_segment_ids=kv_segment_ids_bs)
+    import pallas_kernels as pk
+
+    return pk.sharded_flash_attention(
+        q_bthd, k_bskd, v_bskd, mesh=mesh, batch_axes=_mesh_axes("batch", ("data", "fsdp")),
+        head_axes=_mesh_axes("act_heads", ("tensor",)), q_offset=q_offset_b, q_segment_ids=q_segment_ids_bt,
+        kv_segment_ids=kv_segment_ids_bs, attention_fn=fn)

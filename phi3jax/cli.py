@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 # "module:function" entries, each adding one subcommand. Order is the order of --help.
 COMMANDS = (
-    "phi3jax.cli:add_generate_cli",
+    "phi3jax.chat:add_generate_cli",
+    "phi3jax.chat:add_chat_cli",
+    "eval.cli:add_eval_cli",
     "phi3jax.convert.cli:add_cli",
     "phi3jax.plan:add_cli",
 )
@@ -42,53 +43,6 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from phi3jax.train.checkpoint import load_run
 
     return load_run(args.ckpt, dtype=args.dtype)
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def add_generate_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt", description="Generate text from a prompt.")
-    add_model_source(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    add_sampling_args(p)
-    p.set_defaults(func=run_generate)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from phi3jax.generate import generate
-
-    cfg, params, tok = load_model(args)
-    if args.chat:
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
-    else:
-        ids = tok.encode(args.prompt, add_bos=True)
-    stops = tuple(dict.fromkeys([*tok.stop_ids, *cfg.eos_token_id]))
-    printed = ""
-    generated: list[int] = []
-
-    def stream(chunks: list[list[int]]) -> None:
-        nonlocal printed
-        generated.extend(t for t in chunks[0] if t not in stops)
-        text = tok.decode(generated, skip_special=True)
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
-
-    sys.stdout.write(args.prompt if not args.chat else "")
-    start = time.perf_counter()
-    out = generate(params, cfg, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=stream)
-    seconds = time.perf_counter() - start
-    n = int(out.lengths[0])
-    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s, compile included]", file=sys.stderr)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,18 +133,22 @@ def _decode_chunk(params: Params, cfg: Phi3Config, state: DecodeState, stop_ids:
                   pad_id: int) -> DecodeState:
     model = Phi3(cfg)
 
-    def cond(s: DecodeState) -> jax.Array:
+    def cond(carry: tuple[Params, DecodeState]) -> jax.Array:
+        s = carry[1]
         return (s.step < end_step) & ~jnp.all(s.done) & ~_needs_long_switch(cfg, s)
 
-    def body(s: DecodeState) -> DecodeState:
+    # The parameters ride in the loop carry rather than being closed over: newer flax/jax
+    # versions reject a lifted nn.scan whose variables are constants captured from outside.
+    def body(carry: tuple[Params, DecodeState]) -> tuple[Params, DecodeState]:
+        p, s = carry
         last = s.lengths - 1
         token_b1 = jnp.take_along_axis(s.tokens, last[:, None], axis=1)
-        logits, cache = model.apply({"params": params}, token_b1, last[:, None], long_rope=s.cache_long,
+        logits, cache = model.apply({"params": p}, token_b1, last[:, None], long_rope=s.cache_long,
                                     cache=s.cache, q_offset_b=last)
         s = _accept(s, logits[:, 0], cache, sampling, stop_ids, pad_id, max_new)
-        return s._replace(step=s.step + 1)
+        return p, s._replace(step=s.step + 1)
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, (params, state))[1]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "pad_id"), donate_argnames=("state",))

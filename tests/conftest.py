@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (a dev dependency, for the AOT TPU compiles) otherwise takes a host-wide lock: a second
+# process (a parallel test run, another tool) could then not create TPU topologies.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PHI3_VOCAB = REPO.parent / "shared" / "data" / "phi3-vocab"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any
@@ -117,6 +118,44 @@ def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = No
     with checkpoint_manager(run_dir, async_save=False) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     return restored["params"]
+
+
+class _IteratorSnapshot:
+    """The data iterator's state frozen at save time (an async save writes it later, from another thread)."""
+
+    def __init__(self, iterator: Any):
+        self._state = json.dumps(iterator.get_state(), indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, params: Params, opt_state: Any,
+                     data_iter: Any, meta: dict[str, Any], force: bool = False) -> bool:
+    """Start saving a full training checkpoint (async if the manager is): params, optimiser state,
+    the grain iterator's position (one file per process) and `meta` (step, RNG, counters)."""
+    import grain
+
+    args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                              data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter)),
+                              meta=ocp.args.JsonSave(meta))
+    return manager.save(step, args=args, force=force)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_params: Params,
+                        abstract_opt_state: Any, data_iter: Any) -> tuple[Params, Any, dict[str, Any]]:
+    """(params, opt_state, meta) of a full checkpoint; `data_iter` is moved to the saved position."""
+    import grain
+
+    step_dir = os.path.join(os.fspath(manager.directory), str(step))
+    missing = [item for item in ("opt_state", "data_iter", "meta") if not os.path.isdir(os.path.join(step_dir, item))]
+    if missing:
+        raise RunDirError(f"checkpoint step {step} in {manager.directory} has no {missing}: it is a "
+                          "params-only checkpoint; start from it with init_from=ckpt:<dir> in a new run_dir")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
+    return restored["params"], restored["opt_state"], dict(restored["meta"])
 
 
 def load_run(path: str | os.PathLike, dtype: str | None = None) -> tuple[Phi3Config, Params, Any]:

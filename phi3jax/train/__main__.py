@@ -1,0 +1,5 @@
+import sys
+
+from phi3jax.train import main
+
+sys.exit(main())

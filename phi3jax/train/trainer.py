@@ -1,0 +1,489 @@
+"""The training loop behind `train.py`: config -> data -> model -> steps -> checkpoints -> report.
+
+    python train.py                                   # tiny model on CPython's docs, CPU, minutes
+    python train.py --config configs/sft_example.yaml # chat fine-tuning, assistant-only loss
+    python train.py --config X.yaml steps=2000 optim.learning_rate=1e-4 run_dir=runs/x
+
+A run directory that already holds checkpoints is resumed: parameters, optimiser state, step,
+RNG and the data iterator's position are restored, so the resumed run logs the same losses, bit
+for bit, as one that never stopped. SIGTERM (a TPU preemption notice) saves and exits cleanly.
+
+Scale-out plugs in through `make_shardings`: it returns where the train state and the batch
+live (None: one device, jit decides). Everything that places arrays goes through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi3jax import data as data_lib
+from phi3jax.config import Phi3Config
+from phi3jax.model import abstract_params, init_params
+from phi3jax.tokenizer import Tokenizer
+from phi3jax.train import baselines
+from phi3jax.train import checkpoint as ckpt
+from phi3jax.train import metrics as metrics_lib
+from phi3jax.train.config import (
+    TrainConfig,
+    TrainConfigError,
+    build_model_config,
+    load_config,
+    model_section,
+)
+from phi3jax.train.step import TrainState, learning_rate_schedule, loss_sums, make_optimizer, train_step
+
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
+# Test-only fault injection: "kill_after_step:N" (SIGKILL once earlier saves are on disk),
+# "kill_in_save:N" (SIGKILL right after the async save of step N started) or "sigterm_after_step:N".
+FAULT_ENV = "PHI3JAX_TEST_FAULT"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class Shardings:
+    """Where the train state and batches live. All None: a single device (or whatever jit picks)."""
+
+    state: Any = None  # a TrainState-shaped tree of jax.sharding.Sharding
+    batch: Any = None  # the sharding of one [global_batch, seq_len] array
+
+    def jit_kwargs(self) -> dict[str, Any]:
+        if self.state is None:
+            return {}
+        return {"in_shardings": (self.state, self.batch), "out_shardings": (self.state, None)}
+
+    def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> the global batch."""
+        if self.batch is None:
+            return {k: jnp.asarray(v) for k, v in local.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch, v) for k, v in local.items()}
+
+
+def make_shardings(cfg: TrainConfig, model_cfg: Phi3Config) -> Shardings:
+    """The mesh hook: single-device placement here; phi3jax.sharding builds a mesh from `cfg.mesh`."""
+    del cfg, model_cfg
+    return Shardings()
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    status: str  # "completed" | "preempted"
+    val_loss: float | None = None
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+    sample: str | None = None
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- setup
+def initialize_distributed(cfg: TrainConfig) -> None:
+    dist = cfg.distributed
+    if dist.coordinator is None and dist.num_processes is None and dist.process_id is None:
+        return
+    jax.distributed.initialize(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
+                               process_id=dist.process_id)
+
+
+def _copy_tokenizer_files(source: str, run_dir: str) -> None:
+    directory = source if os.path.isdir(source) else os.path.dirname(source)
+    model = os.path.join(source, ckpt.TOKENIZER_FILE) if os.path.isdir(source) else source
+    shutil.copyfile(model, os.path.join(run_dir, ckpt.TOKENIZER_FILE))
+    extra = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(extra):
+        shutil.copyfile(extra, os.path.join(run_dir, "tokenizer_config.json"))
+
+
+def _doc_text(doc: Any) -> str:
+    return doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
+
+
+def _check_model_overrides(cfg: TrainConfig, base: Phi3Config, where: str) -> Phi3Config:
+    """`base` with the model section's runtime fields; an architecture field that differs is an error."""
+    _, fields = model_section(cfg)
+    for key, value in fields.items():
+        changed = getattr(build_model_config(None, {key: value}, base), key) != getattr(base, key)
+        if key not in RUNTIME_FIELDS and changed:
+            raise TrainConfigError(f"model.{key}={value!r} differs from {where} ({getattr(base, key)!r}); the "
+                                   f"architecture comes from there, only {RUNTIME_FIELDS} can be changed")
+    return build_model_config(None, {k: v for k, v in fields.items() if k in RUNTIME_FIELDS}, base)
+
+
+def _load_init_source(spec: str, param_dtype: str | None) -> tuple[Phi3Config, Any, str]:
+    """(config, params, tokenizer location) of init_from=hf:DIR | ckpt:PATH."""
+    kind, _, where = spec.partition(":")
+    if kind == "hf":
+        from phi3jax.convert.hf import load_hf
+
+        cfg, params = load_hf(where, dtype=param_dtype)
+        return cfg, params, where
+    run_dir, step = ckpt.resolve_checkpoint(where)
+    cfg = ckpt.model_config(run_dir)
+    if param_dtype:
+        cfg = cfg.replace(param_dtype=param_dtype)
+    return cfg, ckpt.restore_params(run_dir, step, cfg), run_dir
+
+
+def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: Any
+                   ) -> tuple[Phi3Config, Tokenizer, Any]:
+    """(model config, tokenizer, initial params or None) for a new or resumed run."""
+    tok_path = os.path.join(run_dir, ckpt.TOKENIZER_FILE)
+    preset, fields = model_section(cfg)
+    if resuming:
+        saved = ckpt.model_config(run_dir)
+        return _check_model_overrides(cfg, saved, f"the run being resumed ({run_dir})"), Tokenizer.load(run_dir), None
+    if cfg.init_from is not None:
+        source_cfg, params, tok_source = _load_init_source(cfg.init_from, fields.get("param_dtype"))
+        if jax.process_index() == 0:
+            _copy_tokenizer_files(tok_source, run_dir)
+        model_cfg = _check_model_overrides(cfg, source_cfg, cfg.init_from)
+        return model_cfg, Tokenizer.load(tok_source), params
+    if cfg.data.tokenizer is not None:
+        tokenizer = Tokenizer.load(cfg.data.tokenizer)
+        if jax.process_index() == 0:
+            _copy_tokenizer_files(cfg.data.tokenizer, run_dir)
+    elif os.path.isfile(tok_path):  # a run that stopped before its first checkpoint
+        tokenizer = Tokenizer.load(run_dir)
+    else:
+        target = tok_path if jax.process_index() == 0 else os.path.join(run_dir, f".tokenizer.{os.getpid()}.model")
+        tokenizer = data_lib.train_sentencepiece(train_texts(), cfg.data.vocab_size, target)
+    derived = {"bos_token_id": tokenizer.bos_id, "eos_token_id": (tokenizer.eos_id,), "pad_token_id": tokenizer.pad_id}
+    if "vocab_size" not in fields:
+        derived["vocab_size"] = tokenizer.vocab_size
+    model_cfg = build_model_config(preset, {**derived, **fields})
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise TrainConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                               f"{tokenizer.vocab_size} tokens; drop model.vocab_size to follow the tokenizer")
+    return model_cfg, tokenizer, None
+
+
+def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config) -> dict[str, Any]:
+    out = cfg.to_dict()
+    preset, _ = model_section(cfg)
+    out["model"] = {"preset": preset, **ckpt.model_fields(model_cfg)}
+    return out
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _fault(point: str, step: int, manager: Any = None) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, at = item.partition(":")
+        if name == point and at and int(at) == step:
+            if point == "kill_after_step" and manager is not None:
+                manager.wait_until_finished()  # "between saves": the earlier saves are on disk
+            if point == "sigterm_after_step":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) the training described by `cfg`."""
+    start_time = time.perf_counter()
+    initialize_distributed(cfg)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    primary = process_index == 0
+    if cfg.batch_size % process_count:
+        raise TrainConfigError(f"batch_size={cfg.batch_size} must be divisible by the {process_count} processes")
+    local_batch = cfg.batch_size // process_count
+    run_dir = os.path.abspath(cfg.resolved_run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    resuming = bool(ckpt.list_steps(run_dir))
+    if resuming and not os.path.isdir(os.path.join(run_dir, ckpt.CHECKPOINTS, str(ckpt.list_steps(run_dir)[-1]),
+                                                   "opt_state")):
+        raise TrainConfigError(f"run_dir={run_dir} holds a params-only checkpoint (a converted model); train from "
+                               f"it with init_from=ckpt:{run_dir} and a new run_dir")
+
+    # ---- data and tokenizer
+    d = cfg.data
+    docs = data_lib.read_documents(d.path, d.format, d.text_key, d.doc_separator)
+    if d.val_path is not None:
+        val_docs = data_lib.read_documents(d.val_path, d.format, d.text_key, d.doc_separator)
+        train_idx, val_idx = np.arange(len(docs)), np.arange(len(val_docs))
+    else:
+        train_idx, val_idx = data_lib.split_train_val(docs, d.val_fraction, cfg.data_seed)
+        val_docs = docs
+    model_cfg, tokenizer, init = _resolve_model(cfg, run_dir, resuming,
+                                                lambda: (_doc_text(docs[int(i)]) for i in train_idx))
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                               f"{model_cfg.vocab_size}; use the model's own tokenizer")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise TrainConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                               f"{model_cfg.max_position_embeddings}; lower seq_len")
+    if primary:
+        ckpt.write_yaml(os.path.join(run_dir, ckpt.CONFIG_FILE), resolved_config(cfg, model_cfg))
+
+    split_documents = d.split_documents if d.split_documents is not None else d.format != "chat"
+    common = dict(seq_len=cfg.seq_len, local_batch=local_batch, split_documents=split_documents,
+                  add_bos=d.add_bos, add_eos=d.add_eos, process_index=process_index, process_count=process_count)
+    data_iter = iter(data_lib.train_batches(docs, train_idx, tokenizer, seed=cfg.data_seed, shuffle=d.shuffle,
+                                            **common))
+    val_batches = data_lib.eval_batches(val_docs, val_idx, tokenizer, max_batches=cfg.log.eval_batches, **common)
+
+    # ---- model, optimiser, state
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+    shardings = make_shardings(cfg, model_cfg)
+    manager = ckpt.checkpoint_manager(run_dir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+    base_rng = jax.random.key(cfg.seed)
+    start_step, meta = 0, {}
+    if resuming:
+        latest = manager.latest_step()
+        abstract = abstract_params(model_cfg)
+        abstract_opt = jax.eval_shape(optimizer.init, abstract)
+        params, opt_state, meta = ckpt.restore_train_state(manager, latest, abstract, abstract_opt, data_iter)
+        start_step = int(meta["step"])
+    else:
+        if init is not None:
+            params = jax.tree.map(lambda x: jnp.asarray(x, model_cfg.param_dtype), init)
+        else:
+            params = init_params(model_cfg, base_rng)
+        opt_state = optimizer.init(params)
+    state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=params, opt_state=opt_state)
+    del params, opt_state, init
+    rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)) if "rng" in meta else base_rng
+    tokens_seen = int(meta.get("tokens_seen", 0))
+
+    step_fn = jax.jit(functools.partial(train_step, cfg=model_cfg, optimizer=optimizer,
+                                        accum_steps=cfg.optim.accum_steps), donate_argnums=0,
+                      **shardings.jit_kwargs())
+    eval_fn = jax.jit(lambda p, b: loss_sums(p, model_cfg, b))
+
+    def evaluate(params: Any) -> tuple[float, float] | None:
+        if not val_batches:
+            return None
+        total = count = 0.0
+        for batch in val_batches:
+            t, c = eval_fn(params, shardings.put_batch(batch))
+            total, count = total + float(t), count + float(c)
+        return (total / count, count) if count else None
+
+    logger = metrics_lib.MetricsLogger(run_dir, total_steps=cfg.steps, start_step=start_step, primary=primary,
+                                       tensorboard=cfg.log.tensorboard, progress_bar=cfg.log.progress_bar)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    logger.print(f"run_dir {run_dir} | {'resuming at step ' + str(start_step) if resuming else 'new run'} | "
+                 f"model {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size} | {len(train_idx)} train / "
+                 f"{len(val_idx)} val documents | {cfg.batch_size} x {cfg.seq_len} tokens per step on "
+                 f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+    base = _baselines(cfg, docs, train_idx, val_batches, tokenizer, model_cfg) if primary else {}
+    if base:
+        logger.print("baselines on the validation tokens: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+
+    flops_per_token = metrics_lib.train_flops_per_token(model_cfg, cfg.seq_len)
+    peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else
+            metrics_lib.device_peak_flops(dtype=model_cfg.dtype))
+    peak_total = peak * jax.device_count() if peak else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last_saved = start_step if resuming else -1
+    status = "completed"
+    window_time, window_steps = 0.0, 0
+    val_loss = None
+
+    def save(step: int, force: bool = False) -> None:
+        nonlocal last_saved
+        if step == last_saved:
+            return
+        key_data = np.asarray(jax.random.key_data(rng)).tolist()
+        ckpt.save_train_state(manager, step, state.params, state.opt_state, data_iter,
+                              {"step": step, "rng": key_data, "tokens_seen": tokens_seen,
+                               "process_count": process_count}, force=force)
+        last_saved = step
+        _fault("kill_in_save", step)
+
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                batch = shardings.put_batch(next(data_iter))
+                state, out = step_fn(state, batch)
+                loss = float(out["loss"])
+                window_time += time.perf_counter() - t0
+                window_steps += 1
+                if not math.isfinite(loss):
+                    manager.wait_until_finished()
+                    good = manager.latest_step()
+                    where = (f"the last good checkpoint is step {good} in {os.path.join(run_dir, ckpt.CHECKPOINTS)}"
+                             if good is not None else "no checkpoint was saved yet")
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {step}: training diverged, stopping. {where} (left intact; "
+                        "rerunning resumes from it). Lower optim.learning_rate, raise optim.warmup_steps or "
+                        "check the data.")
+                rng = jax.random.fold_in(base_rng, step)
+                tokens_seen += tokens_per_step
+                logger.advance(step, loss)
+                if step % cfg.log.every == 0 or step == cfg.steps:
+                    tps = window_steps * tokens_per_step / max(window_time, 1e-9)
+                    logger.log(step, "train", {
+                        "loss": loss, "grad_norm": float(out["grad_norm"]), "lr": float(schedule(step - 1)),
+                        "tokens": int(out["tokens"]), "tokens_per_s": round(tps, 1),
+                        "mfu": round(flops_per_token * tps / peak_total, 4) if peak_total else None})
+                    window_time, window_steps = 0.0, 0
+                if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.steps:
+                    result = evaluate(state.params)
+                    if result is not None:
+                        logger.log(step, "val", {"loss": result[0], "ppl": math.exp(min(result[0], 50.0))})
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save(step)
+                _fault("kill_after_step", step, manager)
+                _fault("sigterm_after_step", step)
+                if preemption.requested:
+                    save(step, force=True)
+                    manager.wait_until_finished()
+                    logger.print(f"SIGTERM: saved step {step} to {run_dir}; exiting (rerun the same command to "
+                                 "resume)")
+                    status = "preempted"
+                    break
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+        logger.close()
+
+    final_step = int(state.step)
+    sample = None
+    if status == "completed":
+        result = evaluate(state.params)
+        if result is not None:
+            val_loss = result[0]
+            if primary and final_step > start_step:
+                with open(os.path.join(run_dir, metrics_lib.METRICS_FILE), "a", encoding="utf-8") as f:
+                    import json
+
+                    f.write(json.dumps({"step": final_step, "split": "val", "loss": val_loss,
+                                        "ppl": math.exp(min(val_loss, 50.0))}) + "\n")
+            _report(val_loss, result[1], base)
+        if primary and cfg.log.plot:
+            metrics_lib.plot_losses(run_dir)
+        if cfg.log.sample_prompt:
+            sample = _sample(state.params, model_cfg, tokenizer, cfg, chat=d.format == "chat")
+            if primary:
+                shown = (f"<|user|> {cfg.log.sample_prompt}\n<|assistant|> {sample}" if d.format == "chat"
+                         else f"{cfg.log.sample_prompt}{sample}")
+                print(f"sample ({cfg.log.sample_tokens} tokens, temperature 0.8, top-k 40):\n{shown}", flush=True)
+    seconds = time.perf_counter() - start_time
+    if primary:
+        print(f"{status} at step {final_step} in {seconds:.1f}s; checkpoints in "
+              f"{os.path.join(run_dir, ckpt.CHECKPOINTS)}", flush=True)
+    return TrainResult(run_dir, final_step, status, val_loss, base, sample, seconds)
+
+
+def _baselines(cfg: TrainConfig, docs: Any, train_idx: np.ndarray, val_batches: list[dict[str, np.ndarray]],
+               tokenizer: Tokenizer, model_cfg: Phi3Config) -> dict[str, float]:
+    if not cfg.log.baselines or not val_batches:
+        return {}
+    mask = np.concatenate([b["loss_mask"].ravel() for b in val_batches]) > 0
+    vx = np.concatenate([b["inputs"].ravel() for b in val_batches])[mask]
+    vy = np.concatenate([b["targets"].ravel() for b in val_batches])[mask]
+    tx, ty = data_lib.document_pairs(docs, train_idx, tokenizer, cfg.data.add_bos, cfg.data.add_eos)
+    if not len(vy) or not len(ty):
+        return {}
+    v = model_cfg.vocab_size
+    return {"unigram": baselines.unigram_cross_entropy(ty, vy, v),
+            "bigram": baselines.bigram_cross_entropy(tx, ty, vx, vy, v)}
+
+
+def _report(val_loss: float, count: float, base: dict[str, float]) -> None:
+    if jax.process_index() != 0:
+        return
+    lines = [f"validation ({int(count)} tokens, nats/token):",
+             f"  model    loss {val_loss:.4f}   perplexity {math.exp(min(val_loss, 50.0)):.2f}"]
+    for name, value in base.items():
+        lines.append(f"  {name:<8} loss {value:.4f}   perplexity {math.exp(value):.2f}")
+    if "bigram" in base:
+        verdict = "below" if val_loss < base["bigram"] else "NOT below"
+        lines.append(f"  the model is {verdict} the bigram baseline ({val_loss - base['bigram']:+.4f})")
+    print("\n".join(lines), flush=True)
+
+
+def _sample(params: Any, model_cfg: Phi3Config, tokenizer: Tokenizer, cfg: TrainConfig, chat: bool) -> str:
+    from phi3jax.generate import generate
+
+    prompt = cfg.log.sample_prompt
+    if chat:
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    else:
+        ids = tokenizer.encode(prompt, add_bos=True)
+    room = model_cfg.max_position_embeddings - len(ids)
+    if room < 1:
+        return ""
+    stops = tuple(dict.fromkeys([*tokenizer.stop_ids, *model_cfg.eos_token_id]))
+    out = generate(params, model_cfg, [ids], max_new_tokens=min(cfg.log.sample_tokens, room), temperature=0.8,
+                   top_k=40, seed=cfg.seed, stop_tokens=stops)
+    new = [t for t in out.to_lists()[0] if t not in stops]
+    # Decode with the prompt so the first new piece keeps its leading space.
+    head = tokenizer.decode(ids, skip_special=True)
+    return tokenizer.decode(ids + new, skip_special=True)[len(head):]
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train or fine-tune a Phi-3 model. With no arguments: the tiny model on "
+        "CPython's documentation, on CPU, in minutes.",
+        epilog="Overrides: any config key, nested with dots, e.g. steps=500 optim.learning_rate=1e-3 "
+        "model.preset=phi-3-mini-4k data.path=corpus/ init_from=hf:path/to/hf_dir")
+    parser.add_argument("--config", help="a YAML config (default: the built-in tiny recipe, configs/tiny.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        train(cfg)
+    except TrainingDiverged as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0

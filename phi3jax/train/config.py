@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from phi3jax.config import ConfigError, Phi3Config
+from phi3jax.sharding import DistributedConfig, MeshConfig  # the mesh: phi3jax.sharding
 from phi3jax.train.step import OptimConfig
 
 DATA_FORMATS = ("text", "jsonl", "array_record", "chat")
@@ -48,25 +49,6 @@ class DataConfig:
     seed: int | None = None  # shuffle seed; None: the top-level seed
     add_bos: bool = True  # text documents start with BOS ...
     add_eos: bool = True  # ... and end with <|endoftext|>
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh axis sizes (-1: all remaining devices). Used by phi3jax.sharding."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    sequence: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """Multi-host initialisation (jax.distributed.initialize); all None on one host (or auto on TPU)."""
-
-    coordinator: str | None = None  # "host:port" of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

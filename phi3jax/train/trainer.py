@@ -8,15 +8,15 @@ A run directory that already holds checkpoints is resumed: parameters, optimiser
 RNG and the data iterator's position are restored, so the resumed run logs the same losses, bit
 for bit, as one that never stopped. SIGTERM (a TPU preemption notice) saves and exits cleanly.
 
-Scale-out plugs in through `make_shardings`: it returns where the train state and the batch
-live (None: one device, jit decides). Everything that places arrays goes through it.
+Scale-out: the mesh comes from the `mesh:` section (phi3jax.sharding; docs/scaling.md). The state
+is created, loaded or restored directly in its sharded layout, every step and evaluation runs
+under the mesh, and each process feeds only its own rows of the global batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi3jax import data as data_lib
+from phi3jax import sharding as sharding_lib
 from phi3jax.config import Phi3Config
-from phi3jax.model import abstract_params, init_params
 from phi3jax.tokenizer import Tokenizer
 from phi3jax.train import baselines
 from phi3jax.train import checkpoint as ckpt
@@ -44,7 +44,7 @@ from phi3jax.train.config import (
     load_config,
     model_section,
 )
-from phi3jax.train.step import TrainState, learning_rate_schedule, loss_sums, make_optimizer, train_step
+from phi3jax.train.step import TrainState, learning_rate_schedule, make_optimizer, train_step
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 # Test-only fault injection: "kill_after_step:N" (SIGKILL once earlier saves are on disk),
@@ -58,27 +58,33 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class Shardings:
-    """Where the train state and batches live. All None: a single device (or whatever jit picks)."""
+    """Where the train state and batches live: the mesh of `cfg.mesh` and the layouts its rules give."""
 
-    state: Any = None  # a TrainState-shaped tree of jax.sharding.Sharding
-    batch: Any = None  # the sharding of one [global_batch, seq_len] array
-
-    def jit_kwargs(self) -> dict[str, Any]:
-        if self.state is None:
-            return {}
-        return {"in_shardings": (self.state, self.batch), "out_shardings": (self.state, None)}
+    mesh: Any  # jax.sharding.Mesh (data, fsdp, sequence, tensor)
+    state: Any  # a TrainState-shaped tree of NamedShardings
+    batch: Any  # the sharding of one [global_batch, seq_len] array
 
     def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> the global batch."""
-        if self.batch is None:
-            return {k: jnp.asarray(v) for k, v in local.items()}
         return {k: jax.make_array_from_process_local_data(self.batch, v) for k, v in local.items()}
 
 
-def make_shardings(cfg: TrainConfig, model_cfg: Phi3Config) -> Shardings:
-    """The mesh hook: single-device placement here; phi3jax.sharding builds a mesh from `cfg.mesh`."""
-    del cfg, model_cfg
-    return Shardings()
+def make_mesh(cfg: TrainConfig) -> Any:
+    """The device mesh of the `mesh:` section, checked against the batch and the processes."""
+    mesh = sharding_lib.make_mesh(cfg.mesh)
+    sharding_lib.check_batch_fits_mesh(cfg.batch_size, cfg.seq_len, mesh)
+    rows = sharding_lib.process_batch_rows(mesh, cfg.batch_size)
+    if len(rows) * jax.process_count() != cfg.batch_size:
+        raise TrainConfigError(
+            f"mesh {sharding_lib.describe_mesh(mesh)}: each process must hold its own share of the batch, "
+            f"but this one's devices hold {len(rows)} of {cfg.batch_size} rows; keep mesh.tensor x "
+            "mesh.sequence within one host's devices so the batch axes (data, fsdp) span the hosts")
+    return mesh
+
+
+def make_shardings(mesh: Any, model_cfg: Phi3Config, optimizer: Any) -> Shardings:
+    return Shardings(mesh, sharding_lib.state_shardings(model_cfg, mesh, optimizer),
+                     sharding_lib.batch_sharding(mesh))
 
 
 @dataclasses.dataclass
@@ -94,11 +100,8 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- setup
 def initialize_distributed(cfg: TrainConfig) -> None:
-    dist = cfg.distributed
-    if dist.coordinator is None and dist.num_processes is None and dist.process_id is None:
-        return
-    jax.distributed.initialize(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
-                               process_id=dist.process_id)
+    """Join the multi-process run (`distributed:`; automatic on TPU VM pods); before any device use."""
+    sharding_lib.initialize_distributed(cfg.distributed)
 
 
 def _copy_tokenizer_files(source: str, run_dir: str) -> None:
@@ -125,22 +128,23 @@ def _check_model_overrides(cfg: TrainConfig, base: Phi3Config, where: str) -> Ph
     return build_model_config(None, {k: v for k, v in fields.items() if k in RUNTIME_FIELDS}, base)
 
 
-def _load_init_source(spec: str, param_dtype: str | None) -> tuple[Phi3Config, Any, str]:
-    """(config, params, tokenizer location) of init_from=hf:DIR | ckpt:PATH."""
+def _load_init_source(spec: str, param_dtype: str | None, mesh: Any) -> tuple[Phi3Config, Any, str]:
+    """(config, params, tokenizer location) of init_from=hf:DIR | ckpt:PATH, each device's shards
+    read straight onto it."""
     kind, _, where = spec.partition(":")
     if kind == "hf":
         from phi3jax.convert.hf import load_hf
 
-        cfg, params = load_hf(where, dtype=param_dtype)
+        cfg, params = load_hf(where, dtype=param_dtype, mesh=mesh)
         return cfg, params, where
     run_dir, step = ckpt.resolve_checkpoint(where)
     cfg = ckpt.model_config(run_dir)
     if param_dtype:
         cfg = cfg.replace(param_dtype=param_dtype)
-    return cfg, ckpt.restore_params(run_dir, step, cfg), run_dir
+    return cfg, ckpt.restore_params(run_dir, step, cfg, shardings=sharding_lib.param_shardings(cfg, mesh)), run_dir
 
 
-def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: Any
+def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: Any, mesh: Any
                    ) -> tuple[Phi3Config, Tokenizer, Any]:
     """(model config, tokenizer, initial params or None) for a new or resumed run."""
     tok_path = os.path.join(run_dir, ckpt.TOKENIZER_FILE)
@@ -149,7 +153,7 @@ def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: 
         saved = ckpt.model_config(run_dir)
         return _check_model_overrides(cfg, saved, f"the run being resumed ({run_dir})"), Tokenizer.load(run_dir), None
     if cfg.init_from is not None:
-        source_cfg, params, tok_source = _load_init_source(cfg.init_from, fields.get("param_dtype"))
+        source_cfg, params, tok_source = _load_init_source(cfg.init_from, fields.get("param_dtype"), mesh)
         if jax.process_index() == 0:
             _copy_tokenizer_files(tok_source, run_dir)
         model_cfg = _check_model_overrides(cfg, source_cfg, cfg.init_from)
@@ -244,8 +248,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         train_idx, val_idx = data_lib.split_train_val(docs, d.val_fraction, cfg.data_seed)
         val_docs = docs
+    mesh = make_mesh(cfg)
     model_cfg, tokenizer, init = _resolve_model(cfg, run_dir, resuming,
-                                                lambda: (_doc_text(docs[int(i)]) for i in train_idx))
+                                                lambda: (_doc_text(docs[int(i)]) for i in train_idx), mesh)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                f"{model_cfg.vocab_size}; use the model's own tokenizer")
@@ -265,31 +270,31 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- model, optimiser, state
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
-    shardings = make_shardings(cfg, model_cfg)
+    shardings = make_shardings(mesh, model_cfg, optimizer)
     manager = ckpt.checkpoint_manager(run_dir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
     base_rng = jax.random.key(cfg.seed)
     start_step, meta = 0, {}
-    if resuming:
+    if resuming:  # onto this run's mesh, whichever mesh saved it
         latest = manager.latest_step()
-        abstract = abstract_params(model_cfg)
-        abstract_opt = jax.eval_shape(optimizer.init, abstract)
-        params, opt_state, meta = ckpt.restore_train_state(manager, latest, abstract, abstract_opt, data_iter)
+        abstract = sharding_lib.abstract_state(model_cfg, mesh, optimizer)
+        params, opt_state, meta = ckpt.restore_train_state(manager, latest, abstract.params, abstract.opt_state,
+                                                           data_iter)
         start_step = int(meta["step"])
-    else:
-        if init is not None:
-            params = jax.tree.map(lambda x: jnp.asarray(x, model_cfg.param_dtype), init)
-        else:
-            params = init_params(model_cfg, base_rng)
-        opt_state = optimizer.init(params)
-    state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=params, opt_state=opt_state)
+    elif init is not None:
+        params = jax.tree.map(lambda x: x.astype(model_cfg.param_dtype), init)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings.state.opt_state)(params)
+    else:  # created sharded: no device ever holds the whole model
+        fresh = sharding_lib.sharded_init(model_cfg, mesh, optimizer, base_rng)
+        params, opt_state = fresh.params, fresh.opt_state
+    step0 = jax.make_array_from_callback((), shardings.state.step, lambda _: np.asarray(start_step, np.int32))
+    state = TrainState(step=step0, params=params, opt_state=opt_state)
     del params, opt_state, init
     rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)) if "rng" in meta else base_rng
     tokens_seen = int(meta.get("tokens_seen", 0))
 
-    step_fn = jax.jit(functools.partial(train_step, cfg=model_cfg, optimizer=optimizer,
-                                        accum_steps=cfg.optim.accum_steps), donate_argnums=0,
-                      **shardings.jit_kwargs())
-    eval_fn = jax.jit(lambda p, b: loss_sums(p, model_cfg, b))
+    step_fn = sharding_lib.make_train_step(model_cfg, mesh, optimizer, accum_steps=cfg.optim.accum_steps,
+                                           train_step=train_step)
+    eval_fn = sharding_lib.make_eval_step(model_cfg, mesh)
 
     def evaluate(params: Any) -> tuple[float, float] | None:
         if not val_batches:
@@ -306,7 +311,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     logger.print(f"run_dir {run_dir} | {'resuming at step ' + str(start_step) if resuming else 'new run'} | "
                  f"model {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size} | {len(train_idx)} train / "
                  f"{len(val_idx)} val documents | {cfg.batch_size} x {cfg.seq_len} tokens per step on "
-                 f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+                 f"{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {sharding_lib.describe_mesh(mesh)}"
+                 + (f", {process_count} processes" if process_count > 1 else ""))
 
     base = _baselines(cfg, docs, train_idx, val_batches, tokenizer, model_cfg) if primary else {}
     if base:
@@ -396,7 +402,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             _report(val_loss, result[1], base)
         if primary and cfg.log.plot:
             metrics_lib.plot_losses(run_dir)
-        if cfg.log.sample_prompt:
+        if cfg.log.sample_prompt and process_count > 1:
+            logger.print("sample skipped: generating from parameters spread over several processes is not "
+                         "supported; `phi3jax generate --ckpt` the run instead")
+        elif cfg.log.sample_prompt:
             sample = _sample(state.params, model_cfg, tokenizer, cfg, chat=d.format == "chat")
             if primary:
                 shown = (f"<|user|> {cfg.log.sample_prompt}\n<|assistant|> {sample}" if d.format == "chat"

@@ -220,7 +220,8 @@ def matmul_flops(jaxpr: Any) -> float:
 
     Scanned bodies count `length` times (XLA's cost analysis counts a loop body once, which
     undercounts a layer scan by the number of layers), shard_map bodies once per device of
-    their manual axes, a cond its most expensive branch, remat recomputation where it occurs.
+    their manual axes, a cond its most expensive branch, a Pallas kernel its own cost estimate,
+    remat recomputation where it occurs.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
@@ -234,6 +235,10 @@ def matmul_flops(jaxpr: Any) -> float:
             total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"])
         elif name == "cond":
             total += max(matmul_flops(b) for b in eqn.params["branches"])
+        elif name == "pallas_call":  # a kernel: its own estimate (live tiles only), else body x grid
+            estimate = getattr(eqn.params.get("cost_estimate"), "flops", None)
+            grid = getattr(eqn.params.get("grid_mapping"), "grid", ())
+            total += estimate if estimate else math.prod(grid) * matmul_flops(eqn.params["jaxpr"])
         elif name == "shard_map":
             mesh = eqn.params["mesh"]
             copies = math.prod(mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names))
@@ -262,6 +267,7 @@ class Plan:
     dtype: str
     param_dtype: str
     remat_policy: str
+    attention: str  # the attention implementation the target gets (attention_impl resolved for it)
     compile_seconds: float
     fits: bool
     hbm_bytes: int
@@ -326,17 +332,22 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
     plan = Plan(model=inputs.name, num_params=cfg.num_params(), target=target.describe(),
                 platform=target.platform, estimate_note=estimate, devices=len(devices),
                 mesh=shape, batch=batch, seq=seq, accum_steps=accum, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                remat_policy=cfg.remat_policy, compile_seconds=0.0, fits=False, hbm_bytes=target.chip.hbm_bytes,
+                remat_policy=cfg.remat_policy, attention=_attention_for(cfg, mesh, devices[0]),
+                compile_seconds=0.0, fits=False, hbm_bytes=target.chip.hbm_bytes,
                 params_bytes=sharding.sharded_bytes_per_device(state.params),
                 opt_state_bytes=sharding.sharded_bytes_per_device(state.opt_state),
                 batch_bytes=sharding.sharded_bytes_per_device(abstract_batch),
                 peak_flops=target.chip.peak_bf16_flops)
-    plan.flops_total = matmul_flops(step.trace(state, abstract_batch).jaxpr)
+    # The target's device as the default one: attention_impl=auto then picks what it would pick
+    # on that hardware (the Pallas kernels on TPU), not what this CPU machine would run.
+    with jax.default_device(devices[0]):
+        plan.flops_total = matmul_flops(step.trace(state, abstract_batch).jaxpr)
     plan.flops_per_device = plan.flops_total / len(devices)
     plan.seconds_at_peak = plan.flops_per_device / target.chip.peak_bf16_flops
     start = time.perf_counter()
     try:
-        compiled = step.lower(state, abstract_batch).compile()
+        with jax.default_device(devices[0]):
+            compiled = step.lower(state, abstract_batch).compile()
     except Exception as e:  # the TPU compiler refuses programs that do not fit HBM
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
@@ -364,6 +375,15 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
     return plan
 
 
+def _attention_for(cfg: Any, mesh: Any, device: Any) -> str:
+    from phi3jax.attention import resolve_impl
+
+    if mesh.shape["sequence"] > 1:
+        return "ring (XLA blocks)"
+    platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform
+    return resolve_impl(cfg.attention_impl, platform=platform)
+
+
 # ------------------------------------------------------------------------------ report
 def _gb(n: int | float | None) -> str:
     return "-" if n is None else f"{n / GiB:8.3f} GiB"
@@ -375,7 +395,8 @@ def format_plan(plan: Plan) -> str:
         f"phi3jax plan: {plan.model} ({plan.num_params:,} parameters) on {plan.target}",
         f"  mesh {mesh}; global batch {plan.batch} x {plan.seq} tokens"
         + (f" in {plan.accum_steps} micro-batches" if plan.accum_steps > 1 else "")
-        + f"; compute {plan.dtype}, parameters {plan.param_dtype}, remat {plan.remat_policy}",
+        + f"; compute {plan.dtype}, parameters {plan.param_dtype}, remat {plan.remat_policy}, "
+        f"attention {plan.attention}",
         (f"  compiled by the TPU compiler (libtpu) in {plan.compile_seconds:.1f} s, without hardware"
          if plan.platform == "tpu" else
          f"  compiled by XLA:CPU standing in for {plan.platform.upper()} in {plan.compile_seconds:.1f} s"
@@ -436,6 +457,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--remat", default=None, help="remat policy: none, full, dots, dots_no_batch, attention_out")
+    p.add_argument("--attention", default=None, help="attention_impl: auto (what the target runs), xla, pallas, "
+                                                     "splash, cudnn")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
 
@@ -451,7 +474,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if target.platform != "tpu":  # host devices stand in for GPUs when none are attached
         _ensure_host_devices(target.chips)
     inputs = load_config(args.config)
-    overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat}
+    overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat,
+                 "attention_impl": args.attention}
     plan = make_plan(inputs, target, mesh, args.batch, args.seq, args.accum_steps, overrides)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0

@@ -51,6 +51,7 @@ def test_phi3_mini_train_step_compiles_for_v5e(mini_on_v5e):
     p = mini_on_v5e
     assert p["num_params"] == PHI3_MINI_PARAMS
     assert p["platform"] == "tpu" and p["devices"] == 16 and "v5e" in p["target"]
+    assert p["attention"] == "pallas"  # what attention_impl=auto runs on a TPU, not on this CPU
     assert p["mesh"] == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
     assert p["argument_bytes"] and p["temp_bytes"] and p["fits"]
 

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 GiB = 2**30
@@ -180,7 +180,7 @@ class PlanInputs:
 
 
 def load_config(spec: str) -> PlanInputs:
-    """--config: a preset name, a train YAML (model / mesh / optim / data sections) or an HF config."""
+    """--config: a preset name, a train.py YAML (its model, mesh, optim, batch_size, seq_len) or an HF config."""
     from phi3jax.config import PRESETS, Phi3Config
 
     if spec in PRESETS:
@@ -190,28 +190,13 @@ def load_config(spec: str) -> PlanInputs:
     if not os.path.isfile(spec):
         raise PlanError(f"--config {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), nor a YAML file, "
                         "nor a Hugging Face config.json / model directory")
-    import yaml
+    from phi3jax.train.config import build_model_config, model_section
+    from phi3jax.train.config import load_config as load_train_config
 
-    with open(spec, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise PlanError(f"{spec}: expected a YAML mapping with a `model:` section")
-    model = dict(data.get("model") or {})
-    preset = model.pop("preset", None)
-    cfg = Phi3Config.preset(preset, **model) if preset else Phi3Config(**model)
-    section = data.get("data") or {}
-    batch = _first(section, ("global_batch_size", "batch_size", "batch")) or _first(
-        data.get("train") or {}, ("global_batch_size", "batch_size"))
-    seq = _first(section, ("seq_len", "seq_length", "sequence_length", "max_len"))
-    return PlanInputs(cfg, preset or os.path.basename(spec), dict(data.get("mesh") or {}),
-                      dict(data.get("optim") or {}), batch, seq)
-
-
-def _first(section: Mapping[str, Any], keys: Sequence[str]) -> Any:
-    for key in keys:
-        if section.get(key) is not None:
-            return section[key]
-    return None
+    train = load_train_config(spec)  # train.py's own config: model, mesh, optim, batch_size, seq_len
+    preset, fields = model_section(train)
+    return PlanInputs(build_model_config(preset, fields), preset or train.name, dataclasses.asdict(train.mesh),
+                      dataclasses.asdict(train.optim), train.batch_size, train.seq_len)
 
 
 # ------------------------------------------------------------------------------ FLOPs

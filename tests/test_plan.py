@@ -110,6 +110,21 @@ def test_every_tpu_generation_compiles(target, chips, hbm_gib):
 
 
 @needs_libtpu
+def test_plan_reads_a_train_py_config(tmp_path):
+    # The same YAML train.py takes: its model, mesh, batch_size and seq_len; --mesh overrides one axis.
+    config = tmp_path / "small.yaml"
+    config.write_text("model: {preset: tiny, num_hidden_layers: 2, remat_policy: full}\n"
+                      "mesh: {data: 1, fsdp: -1, tensor: 2, sequence: 1}\nbatch_size: 8\nseq_len: 64\n"
+                      "optim: {accum_steps: 2}\n")
+    proc = run_plan("--config", str(config), "--target", "v5e:2x4", "--mesh", "data=2", "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    p = json.loads(proc.stdout)
+    assert p["mesh"] == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    assert (p["batch"], p["seq"], p["accum_steps"], p["remat_policy"]) == (8, 64, 2, "full")
+    assert p["num_params"] == Phi3Config.preset("tiny", num_hidden_layers=2).num_params()
+
+
+@needs_libtpu
 def test_multi_slice_plan_puts_the_data_axis_across_slices():
     proc = run_plan("--config", "tiny", "--target", "v5e:2x2", "--num-slices", "2", "--seq", "128", "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from phi3jax.config import Phi3Config
-from phi3jax.model import Params, Phi3, param_logical_axes
+from phi3jax.model import Params, Phi3, abstract_params, param_logical_axes
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -283,29 +283,20 @@ def state_shardings(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransf
     from phi3jax.train.step import TrainState
 
     p_shard = param_shardings(cfg, mesh)
-    abstract = jax.eval_shape(optimizer.init, _abstract_params(cfg))
+    abstract = jax.eval_shape(optimizer.init, abstract_params(cfg))
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract, p_shard,
                                       transform_non_params=lambda _: replicated(mesh))
     return TrainState(step=replicated(mesh), params=p_shard, opt_state=opt_shard)
 
 
-def _abstract_params(cfg: Phi3Config) -> Params:
-    from phi3jax.model import abstract_params
-
-    return abstract_params(cfg)
-
-
 def abstract_state(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation) -> Any:
-    """ShapeDtypeStructs (with shardings) of the whole train state: what AOT compilation lowers on."""
+    """ShapeDtypeStructs (with shardings) of the whole train state: what AOT compilation lowers on,
+    and the target of a restore onto `mesh`."""
     from phi3jax.train.step import init_train_state
 
-    shapes = jax.eval_shape(lambda: init_train_state(_abstract_zeros(cfg), optimizer))
+    shapes = jax.eval_shape(lambda params: init_train_state(params, optimizer), abstract_params(cfg))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, state_shardings(cfg, mesh, optimizer))
-
-
-def _abstract_zeros(cfg: Phi3Config) -> Params:
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), _abstract_params(cfg))
 
 
 # ------------------------------------------------------------------------------ running under a mesh
@@ -315,12 +306,6 @@ def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -
     ring attention, when mesh.sequence > 1) take effect in what is traced inside."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield mesh
-
-
-def context_mesh() -> jax.sharding.AbstractMesh | None:
-    """The mesh made current by `mesh_context` / `jax.set_mesh`, or None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
 
 
 def sharded_init(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,

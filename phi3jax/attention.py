@@ -58,11 +58,11 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     b, t, h, d = q_bthd.shape
     s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
-    logits_bkgts = logits_bkgts * (d ** -0.5)
     mask_bts = attention_mask(t, s, q_offset_b=q_offset_b, q_segment_ids_bt=q_segment_ids_bt,
                               kv_segment_ids_bs=kv_segment_ids_bs, causal=causal,
                               sliding_window=sliding_window)
+    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+    logits_bkgts = logits_bkgts * (d ** -0.5)
     logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskd.dtype)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts, v_bskd)

@@ -58,15 +58,48 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     b, t, h, d = q_bthd.shape
     s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
-    logits_bkgts = logits_bkgts * (d ** -0.5)
     mask_bts = attention_mask(t, s, q_offset_b=q_offset_b, q_segment_ids_bt=q_segment_ids_bt,
                               kv_segment_ids_bs=kv_segment_ids_bs, causal=causal,
                               sliding_window=sliding_window)
-    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskd.dtype)
-    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts, v_bskd)
+    out_btkgd = _softmax_attention(q_btkgd, k_bskd, v_bskd, mask_bts)
     return out_btkgd.reshape(b, t, h, d)
+
+
+def _attention_probs(q_btkgd: jax.Array, k_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+    logits_bkgts = logits_bkgts * (q_btkgd.shape[-1] ** -0.5)
+    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
+    return jax.nn.softmax(logits_bkgts, axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_attention(q_btkgd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    probs_bkgts = _attention_probs(q_btkgd, k_bskd, mask_bts)
+    return jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd)
+
+
+def _softmax_attention_fwd(q_btkgd, k_bskd, v_bskd, mask_bts):
+    probs_bkgts = _attention_probs(q_btkgd, k_bskd, mask_bts)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd)
+    return out_btkgd, (q_btkgd, k_bskd, v_bskd, probs_bkgts, out_btkgd)
+
+
+def _softmax_attention_bwd(residuals, d_out_btkgd):
+    # The softmax backward in flash-attention form: dS = P * (dP - rowsum(dO * O)), one pass
+    # over the [T, S] scores instead of autodiff's several.
+    q_btkgd, k_bskd, v_bskd, probs_bkgts, out_btkgd = residuals
+    f32 = jnp.float32
+    d_v = jnp.einsum("bkgts,btkgd->bskd", probs_bkgts.astype(v_bskd.dtype), d_out_btkgd.astype(v_bskd.dtype))
+    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_btkgd, v_bskd, preferred_element_type=f32)
+    row_btkg = jnp.sum(d_out_btkgd.astype(f32) * out_btkgd.astype(f32), axis=-1)
+    d_logits = probs_bkgts * (d_probs - jnp.transpose(row_btkg, (0, 2, 3, 1))[..., None])
+    d_logits = (d_logits * (q_btkgd.shape[-1] ** -0.5)).astype(q_btkgd.dtype)
+    d_q = jnp.einsum("bkgts,bskd->btkgd", d_logits, k_bskd)
+    d_k = jnp.einsum("bkgts,btkgd->bskd", d_logits, q_btkgd)
+    return d_q, d_k.astype(k_bskd.dtype), d_v.astype(v_bskd.dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi3jax.config import Phi3Config
-from phi3jax.model import KVCache, Params, Phi3, check_tokens
+from phi3jax.model import KVCache, Params, Phi3, check_tokens, unstack_layers
 from phi3jax.rope import use_long_factors
 
 
@@ -105,15 +105,15 @@ def _accept(state: DecodeState, logits_bv: jax.Array, cache: KVCache, sampling: 
                           num_generated=num_generated, rng=rng)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "prompt_width", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "prompt_width", "pad_id", "unrolled"))
 def _prefill(params: Params, cfg: Phi3Config, tokens_bs: jax.Array, prompt_lengths_b: jax.Array,
              rng: jax.Array, stop_ids: jax.Array, max_new: jax.Array, *, sampling: SamplingParams,
-             prompt_width: int, pad_id: int) -> DecodeState:
+             prompt_width: int, pad_id: int, unrolled: bool) -> DecodeState:
     batch, max_len = tokens_bs.shape
     prompt = tokens_bs[:, :prompt_width]
     positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32), prompt.shape)
     long = jnp.asarray(use_long_factors(cfg, jnp.max(prompt_lengths_b)))
-    logits, cache = Phi3(cfg).apply(
+    logits, cache = Phi3(cfg, unrolled=unrolled).apply(
         {"params": params}, prompt, positions, long_rope=long, cache=init_cache(cfg, batch, max_len),
         q_offset_b=jnp.zeros((batch,), jnp.int32), logits_index_b=prompt_lengths_b - 1)
     state = DecodeState(tokens=tokens_bs, lengths=prompt_lengths_b, cache=cache,
@@ -127,11 +127,11 @@ def _needs_long_switch(cfg: Phi3Config, state: DecodeState) -> jax.Array:
     return jnp.asarray(use_long_factors(cfg, jnp.max(state.lengths))) & ~state.cache_long
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "pad_id"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "pad_id", "unrolled"), donate_argnames=("state",))
 def _decode_chunk(params: Params, cfg: Phi3Config, state: DecodeState, stop_ids: jax.Array,
                   max_new: jax.Array, end_step: jax.Array, *, sampling: SamplingParams,
-                  pad_id: int) -> DecodeState:
-    model = Phi3(cfg)
+                  pad_id: int, unrolled: bool) -> DecodeState:
+    model = Phi3(cfg, unrolled=unrolled)
 
     def cond(carry: tuple[Params, DecodeState]) -> jax.Array:
         s = carry[1]
@@ -151,13 +151,13 @@ def _decode_chunk(params: Params, cfg: Phi3Config, state: DecodeState, stop_ids:
     return jax.lax.while_loop(cond, body, (params, state))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "pad_id"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "pad_id", "unrolled"), donate_argnames=("state",))
 def _reprefill(params: Params, cfg: Phi3Config, state: DecodeState, stop_ids: jax.Array,
-               max_new: jax.Array, *, sampling: SamplingParams, pad_id: int) -> DecodeState:
+               max_new: jax.Array, *, sampling: SamplingParams, pad_id: int, unrolled: bool) -> DecodeState:
     """One decode step that recomputes the whole cache with LongRoPE's long factors (as HF does)."""
     batch, max_len = state.tokens.shape
     positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), state.tokens.shape)
-    logits, cache = Phi3(cfg).apply(
+    logits, cache = Phi3(cfg, unrolled=unrolled).apply(
         {"params": params}, state.tokens, positions, long_rope=True, cache=init_cache(cfg, batch, max_len),
         q_offset_b=jnp.zeros((batch,), jnp.int32), logits_index_b=state.lengths - 1)
     state = state._replace(cache_long=jnp.asarray(True))
@@ -219,7 +219,13 @@ def generate(params: Params, cfg: Phi3Config, prompt_tokens: Any, max_new_tokens
     for row, p in enumerate(prompts):
         buffer[row, : len(p)] = p
     max_new = jnp.asarray(max_new_tokens, jnp.int32)
-    static = dict(sampling=sampling, pad_id=pad_id)
+    # XLA on CPU copies a layer's weights out of the stacked arrays before each matmul (TPU and
+    # GPU read them in place); decoding is bandwidth-bound, so on CPU we loop over per-layer
+    # copies of the weights instead, made once per call.
+    unrolled = jax.default_backend() == "cpu"
+    if unrolled:
+        params = unstack_layers(params, cfg.num_hidden_layers)
+    static = dict(sampling=sampling, pad_id=pad_id, unrolled=unrolled)
 
     state = _prefill(params, cfg, jnp.asarray(buffer), jnp.asarray(lengths), jax.random.key(seed), stop_ids,
                      max_new, prompt_width=prompt_width, **static)

@@ -19,6 +19,7 @@ a logical constraint; `phi3jax.sharding` maps those names onto a mesh.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -111,13 +112,11 @@ class Attention(nn.Module):
 
 def _write_cache(cache_lbskd: jax.Array, new_btkd: jax.Array, layer: jax.Array,
                  offset_b: jax.Array) -> jax.Array:
-    """cache[layer, b, offset_b[b] : offset_b[b] + T] = new[b] for every row b."""
-
-    def write_row(cache_lskd: jax.Array, new_tkd: jax.Array, offset: jax.Array) -> jax.Array:
-        start = (layer, offset, jnp.zeros_like(offset), jnp.zeros_like(offset))
-        return jax.lax.dynamic_update_slice(cache_lskd, new_tkd[None].astype(cache_lskd.dtype), start)
-
-    return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbskd, new_btkd, offset_b)
+    """cache[layer, b, offset_b[b] : offset_b[b] + T] = new[b] for every row b (one in-place scatter)."""
+    batch, length = new_btkd.shape[:2]
+    rows_b1 = jnp.arange(batch)[:, None]
+    cols_bt = offset_b[:, None] + jnp.arange(length)[None, :]
+    return cache_lbskd.at[layer, rows_b1, cols_bt].set(new_btkd.astype(cache_lbskd.dtype))
 
 
 class MLP(nn.Module):
@@ -163,9 +162,16 @@ _REMAT_POLICIES = {
 
 
 class Phi3(nn.Module):
-    """Phi3ForCausalLM. Returns (float32 logits, updated cache or None)."""
+    """Phi3ForCausalLM. Returns (float32 logits, updated cache or None).
+
+    `unrolled=True` runs the layers as a Python loop over per-layer parameters `layers_0`,
+    `layers_1`, ... (see `unstack_layers`) instead of one `nn.scan` over the stacked `layers`:
+    XLA on CPU copies each layer's weights out of a stacked array before every matmul, which
+    doubles the memory traffic of bandwidth-bound decoding; generation uses it there.
+    """
 
     cfg: Phi3Config
+    unrolled: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, *,
@@ -184,12 +190,17 @@ class Phi3(nn.Module):
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-        # The explicit name keeps parameter paths identical with remat on or off.
-        stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                        length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-        (x, cache), _ = stack(cfg, name="layers")((x, cache), layers, cos, sin, segment_ids_bt, q_offset_b)
+        if self.unrolled:
+            for i in range(cfg.num_hidden_layers):
+                (x, cache), _ = layer_cls(cfg, name=f"layers_{i}")(
+                    (x, cache), jnp.int32(i), cos, sin, segment_ids_bt, q_offset_b)
+        else:
+            # The explicit name keeps parameter paths identical with remat on or off.
+            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, cache), _ = stack(cfg, name="layers")((x, cache), layers, cos, sin, segment_ids_bt, q_offset_b)
         x = RMSNorm(cfg, name="final_norm")(x)
 
         if logits_index_b is not None:  # only the positions whose next token we need
@@ -226,6 +237,15 @@ def param_logical_axes(cfg: Phi3Config) -> Params:
     """A PartitionSpec of logical axis names for every parameter."""
     boxed = jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0)))["params"]
     return nn.get_partition_spec(boxed)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """The parameter tree `Phi3(cfg, unrolled=True)` takes: `layers` split into `layers_0`, ..."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
 
 
 def count_params(params: Params) -> int:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 # Finite, so a fully masked row (padding) gives a uniform distribution instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Causal self-attention is computed in at most this many query blocks of at least this size.
+_MIN_QUERY_BLOCK, _MAX_QUERY_BLOCKS = 128, 8
 
 
 def attention_mask(q_len: int, kv_len: int, *, q_offset_b: jax.Array | None = None,
@@ -58,6 +60,21 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     b, t, h, d = q_bthd.shape
     s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    kv_seg = q_segment_ids_bt if kv_segment_ids_bs is None else kv_segment_ids_bs
+    if causal and q_offset_b is None and t == s and t >= 2 * _MIN_QUERY_BLOCK:
+        # Causal self-attention in query blocks: block i only sees keys up to its end (and from
+        # its window's start), so the masked-out upper triangle is mostly never computed.
+        block = max(_MIN_QUERY_BLOCK, -(-t // _MAX_QUERY_BLOCKS))
+        outs = []
+        for start in range(0, t, block):
+            end = min(start + block, t)
+            lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+            mask = attention_mask(end - start, end - lo, q_offset_b=jnp.full((b,), start - lo),
+                                  q_segment_ids_bt=None if kv_seg is None else q_segment_ids_bt[:, start:end],
+                                  kv_segment_ids_bs=None if kv_seg is None else kv_seg[:, lo:end],
+                                  causal=True, sliding_window=sliding_window)
+            outs.append(_softmax_attention(q_btkgd[:, start:end], k_bskd[:, lo:end], v_bskd[:, lo:end], mask))
+        return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
     mask_bts = attention_mask(t, s, q_offset_b=q_offset_b, q_segment_ids_bt=q_segment_ids_bt,
                               kv_segment_ids_bs=kv_segment_ids_bs, causal=causal,
                               sliding_window=sliding_window)

@@ -44,7 +44,8 @@ def hf_logits(hf, tokens, **kwargs):
         return hf(torch.as_tensor(np.asarray(tokens), dtype=torch.long), **kwargs).logits.float().numpy()
 
 
-@pytest.mark.parametrize("length", [20, 70])  # 70 crosses LongRoPE's switch (48) and the window (9)
+# 70 crosses LongRoPE's switch (48) and the window (9); 300 takes the blocked causal path (>= 256).
+@pytest.mark.parametrize("length", [20, 70, 300])
 def test_logits_match_hf_in_float32(variant, length):
     name, hf, cfg, params = variant
     tokens = np.random.RandomState(length).randint(0, cfg.vocab_size, (2, length))
@@ -99,7 +100,7 @@ def test_packed_sequences_equal_documents_run_one_by_one(tmp_path):
     make_hf_model(tmp_path, num_key_value_heads=2, sliding_window=7)
     cfg, params = load_hf(tmp_path)
     rs = np.random.RandomState(3)
-    docs = [rs.randint(3, cfg.vocab_size, n) for n in (11, 5, 16)]
+    docs = [rs.randint(3, cfg.vocab_size, n) for n in (11, 5, 16, 140, 130)]  # 302 tokens: blocked path
     packed = np.concatenate(docs)[None]
     segments = np.concatenate([np.full(len(d), k + 1) for k, d in enumerate(docs)])[None]
     ours = np.asarray(forward(params, cfg, packed, segment_ids=segments))[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from _measure import matmul_gflops, timeit  # noqa: E402
 
 from phi3jax import forward, generate, load_hf  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
@@ -38,28 +38,6 @@ CONFIG = dict(vocab_size=32064, hidden_size=512, intermediate_size=1536, num_hid
               original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
 QUICK = dict(CONFIG, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4)
-
-
-def timeit(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(n: int = 2048) -> dict[str, float]:
-    a = np.random.rand(n, n).astype(np.float32)
-    flops = 2 * n**3
-    ta, tb = torch.from_numpy(a), torch.from_numpy(a.copy())
-    torch_s = timeit(lambda: torch.mm(ta, tb), 5)
-    ja = jnp.asarray(a)
-    mm = jax.jit(jnp.matmul)
-    jax_s = timeit(lambda: mm(ja, ja).block_until_ready(), 5)
-    return {"torch": flops / torch_s / 1e9, "jax": flops / jax_s / 1e9}
 
 
 def bandwidth_gbs(n_bytes: int = 512 * 2**20) -> float:

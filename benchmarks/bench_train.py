@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from _measure import matmul_gflops  # noqa: E402
 
 from phi3jax import load_hf  # noqa: E402
 from phi3jax.train.metrics import train_flops_per_token  # noqa: E402
@@ -45,30 +46,6 @@ QUICK = dict(CONFIG, hidden_size=256, intermediate_size=768, num_hidden_layers=2
              num_key_value_heads=4, vocab_size=8192, pad_token_id=0, eos_token_id=2)
 OPTIM = OptimConfig(learning_rate=1e-4, warmup_steps=0, min_lr_ratio=1.0, b1=0.9, b2=0.95, eps=1e-8,
                     weight_decay=0.1, decay_embeddings=True, decay_norms=True, clip_norm=1.0)
-
-
-def timeit(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeats` runs, after `warmup` runs (compilation included there)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(n: int = 2048) -> dict[str, float]:
-    """float32 matmul FLOP/s of this machine, as JAX (XLA) and torch reach it."""
-    a = np.random.rand(n, n).astype(np.float32)
-    flops = 2 * n**3
-    ta, tb = torch.from_numpy(a), torch.from_numpy(a.copy())
-    torch_s = timeit(lambda: torch.mm(ta, tb), 5)
-    ja = jnp.asarray(a)
-    mm = jax.jit(jnp.matmul)
-    jax_s = timeit(lambda: mm(ja, ja).block_until_ready(), 5)
-    return {"torch": flops / torch_s / 1e9, "jax": flops / jax_s / 1e9}
 
 
 def hf_train_step(model: torch.nn.Module, tokens: np.ndarray) -> tuple[Callable[[], None], list[float]]:

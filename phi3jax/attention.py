@@ -26,30 +26,12 @@ import logging
 import jax
 import jax.numpy as jnp
 
-# Finite, so a fully masked row (padding) gives a uniform distribution instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The mask is defined once, next to the kernels it describes.
+from pallas_kernels.reference import MASK_VALUE as _MASK_VALUE
+from pallas_kernels.reference import reference_mask as attention_mask
+
 # Causal self-attention is computed in at most this many query blocks of at least this size.
 _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCKS = 128, 8
-
-
-def attention_mask(q_len: int, kv_len: int, *, q_offset_b: jax.Array | None = None,
-                   q_segment_ids_bt: jax.Array | None = None, kv_segment_ids_bs: jax.Array | None = None,
-                   causal: bool = True, sliding_window: int | None = None) -> jax.Array:
-    """Boolean mask [B or 1, T, S]: True where query t may attend to key s."""
-    q_idx = jnp.arange(q_len)[None, :]
-    if q_offset_b is not None:
-        q_idx = q_idx + q_offset_b[:, None]
-    q_idx_bt1 = q_idx[:, :, None]
-    kv_idx_11s = jnp.arange(kv_len)[None, None, :]
-    mask = jnp.ones((1, q_len, kv_len), dtype=bool)
-    if causal:
-        mask = mask & (kv_idx_11s <= q_idx_bt1)
-    if sliding_window is not None:
-        mask = mask & (kv_idx_11s > q_idx_bt1 - sliding_window)
-    if q_segment_ids_bt is not None:
-        kv_seg = q_segment_ids_bt if kv_segment_ids_bs is None else kv_segment_ids_bs
-        mask = mask & (q_segment_ids_bt[:, :, None] == kv_seg[:, None, :])
-    return mask
 
 
 def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
@@ -69,14 +51,14 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
         for start in range(0, t, block):
             end = min(start + block, t)
             lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-            mask = attention_mask(end - start, end - lo, q_offset_b=jnp.full((b,), start - lo),
-                                  q_segment_ids_bt=None if kv_seg is None else q_segment_ids_bt[:, start:end],
-                                  kv_segment_ids_bs=None if kv_seg is None else kv_seg[:, lo:end],
+            mask = attention_mask(end - start, end - lo, q_offset=jnp.full((b,), start - lo),
+                                  q_segment_ids=None if kv_seg is None else q_segment_ids_bt[:, start:end],
+                                  kv_segment_ids=None if kv_seg is None else kv_seg[:, lo:end],
                                   causal=True, sliding_window=sliding_window)
             outs.append(_softmax_attention(q_btkgd[:, start:end], k_bskd[:, lo:end], v_bskd[:, lo:end], mask))
         return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
-    mask_bts = attention_mask(t, s, q_offset_b=q_offset_b, q_segment_ids_bt=q_segment_ids_bt,
-                              kv_segment_ids_bs=kv_segment_ids_bs, causal=causal,
+    mask_bts = attention_mask(t, s, q_offset=q_offset_b, q_segment_ids=q_segment_ids_bt,
+                              kv_segment_ids=kv_segment_ids_bs, causal=causal,
                               sliding_window=sliding_window)
     out_btkgd = _softmax_attention(q_btkgd, k_bskd, v_bskd, mask_bts)
     return out_btkgd.reshape(b, t, h, d)

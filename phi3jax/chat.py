@@ -37,13 +37,18 @@ class TextStreamer:
     Stop tokens are not shown.
     """
 
-    def __init__(self, tokenizer: Any, stop_ids: Sequence[int], write: Callable[[str], Any] | None = None):
+    def __init__(self, tokenizer: Any, stop_ids: Sequence[int], write: Callable[[str], Any] | None = None,
+                 prefix_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         self.write = write or _stdout_write
         self.ids: list[int] = []
         self.written = ""
         self.chunks = 0
+        # Text continuing a prompt is decoded together with it: SentencePiece drops the leading
+        # space of a decode, which would glue the continuation to the prompt's last word.
+        self.prefix_ids = list(prefix_ids)
+        self.prefix_text = tokenizer.decode(self.prefix_ids, skip_special=True)
 
     def __call__(self, new_tokens_per_row: list[list[int]]) -> None:
         self.chunks += 1
@@ -54,8 +59,14 @@ class TextStreamer:
         self._flush(final=True)
         return self.written
 
+    def text(self) -> str:
+        full = self.tokenizer.decode(self.prefix_ids + self.ids, skip_special=True)
+        if self.prefix_ids and full.startswith(self.prefix_text):
+            return full[len(self.prefix_text):]
+        return self.tokenizer.decode(self.ids, skip_special=True)
+
     def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special=True)
+        text = self.text()
         if not final:
             text = text.rstrip("\ufffd")
         if len(text) > len(self.written) and text.startswith(self.written):
@@ -205,7 +216,7 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = [tok.encode(p, add_bos=True) for p in prompts]
     stops = stop_tokens(cfg, tok)
     stream = len(prompts) == 1 and not args.no_stream
-    streamer = TextStreamer(tok, stops) if stream else None
+    streamer = TextStreamer(tok, stops, prefix_ids=[] if args.chat else ids[0]) if stream else None
     if stream and not args.chat:
         _stdout_write(prompts[0])
     start = time.perf_counter()
@@ -216,8 +227,10 @@ def run_generate(args: argparse.Namespace) -> int:
         streamer.finish()
         print()
     else:
-        for k, (prompt, row) in enumerate(zip(prompts, out.to_lists(), strict=True)):
-            text = tok.decode([t for t in row if t not in stops], skip_special=True)
+        for k, (prompt, prompt_ids, row) in enumerate(zip(prompts, ids, out.to_lists(), strict=True)):
+            continuation = TextStreamer(tok, stops, write=lambda _: None, prefix_ids=[] if args.chat else prompt_ids)
+            continuation([row])
+            text = continuation.text()
             if len(prompts) > 1:
                 print(f"===== {k}")
             print(text if args.chat else prompt + text)

@@ -179,3 +179,15 @@ def test_generate_reads_the_prompt_from_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi"))
     assert main(["generate", "--hf-dir", str(model_dir), "--prompt", "-", "--chat", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == "Hello world\n"
+
+
+def test_a_continuation_keeps_the_space_after_the_prompt(phi3_vocab):
+    """SentencePiece drops the leading space of a decode; text continuing a prompt must not lose it."""
+    tok = Tokenizer.load(phi3_vocab / "tokenizer.model")
+    prompt = tok.encode("The while statement", add_bos=True)
+    continuation = tok.encode("object is here")  # starts with the word-initial piece "▁object"
+    written = []
+    streamer = TextStreamer(tok, [], write=written.append, prefix_ids=prompt)
+    streamer([continuation[:1]])
+    streamer([continuation[1:]])
+    assert "".join(written) == streamer.finish() == " object is here"

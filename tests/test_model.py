@@ -214,7 +214,7 @@ def test_xla_attention_gradients_equal_autodiff_of_the_plain_formula():
     segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 13], b, 0))
 
     def plain(q, k, v):
-        mask = A.attention_mask(t, t, q_segment_ids_bt=segments, causal=True, sliding_window=7)
+        mask = A.attention_mask(t, t, q_segment_ids=segments, causal=True, sliding_window=7)
         logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k) * d ** -0.5
         probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -1e30), axis=-1)
         return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)

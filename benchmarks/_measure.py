@@ -1,0 +1,37 @@
+"""What every benchmark here measures the same way: median wall time, and this machine's float32
+matmul rate as torch and JAX reach it (the peak that MFU-style fractions are taken against)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` runs, after `warmup` runs (compilation included there)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 2048) -> dict[str, float]:
+    """float32 matmul GFLOP/s of this machine, as JAX (XLA) and torch reach it."""
+    a = np.random.rand(n, n).astype(np.float32)
+    flops = 2 * n**3
+    ta, tb = torch.from_numpy(a), torch.from_numpy(a.copy())
+    torch_s = timeit(lambda: torch.mm(ta, tb), 5)
+    ja = jnp.asarray(a)
+    mm = jax.jit(jnp.matmul)
+    jax_s = timeit(lambda: mm(ja, ja).block_until_ready(), 5)
+    return {"torch": flops / torch_s / 1e9, "jax": flops / jax_s / 1e9}

@@ -13,7 +13,8 @@ GQA: query heads are grouped over kv heads (consecutive query heads share one kv
 an einsum, without repeating K and V in memory.
 
 Implementations (`Phi3Config.attention_impl`, see `resolve_impl` and docs/kernels.md): xla
-(this file's reference), pallas (`pallas_kernels`: flash attention, and the decode kernel for
+(this file's reference; on one CPU device causal self-attention takes a cache-tiled schedule,
+`cpu_tiled_attention`), pallas (`pallas_kernels`: flash attention, and the decode kernel for
 one query per row against a cache), splash and cudnn (JAX's kernels, where they fit the call),
 auto (pallas on TPU and GPU, xla on CPU). Under a mesh the kernels run inside shard_map.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +43,12 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     """Reference attention in plain XLA ops: float32 logits and softmax, GQA by einsum."""
     b, t, h, d = q_bthd.shape
     s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
+    self_attention = causal and q_offset_b is None and kv_segment_ids_bs is None and t == s
+    if self_attention and _single_cpu_device():
+        return cpu_tiled_attention(q_bthd, k_bskd, v_bskd, q_segment_ids_bt, sliding_window)
     q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
     kv_seg = q_segment_ids_bt if kv_segment_ids_bs is None else kv_segment_ids_bs
-    if causal and q_offset_b is None and t == s and t >= 2 * _MIN_QUERY_BLOCK:
+    if self_attention and t >= 2 * _MIN_QUERY_BLOCK:
         # Causal self-attention in query blocks: block i only sees keys up to its end (and from
         # its window's start), so the masked-out upper triangle is mostly never computed.
         block = max(_MIN_QUERY_BLOCK, -(-t // _MAX_QUERY_BLOCKS))
@@ -62,6 +67,129 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
                               sliding_window=sliding_window)
     out_btkgd = _softmax_attention(q_btkgd, k_bskd, v_bskd, mask_bts)
     return out_btkgd.reshape(b, t, h, d)
+
+
+# ---------------------------------------------------------------------------- CPU schedule
+# XLA on CPU runs each op of a batched attention over all (batch, head) pairs at once: every
+# softmax pass streams [B, H, T, S] scores through memory, one thread per op. The tiled schedule
+# below takes one (batch, kv head) pair at a time (`lax.map`), so a pair's score tiles stay in
+# cache, and runs one independent map per CPU core so the cores work side by side. Same math,
+# same mask; the backward is flash-attention style (recomputes probabilities from the saved
+# log-sum-exp instead of keeping [T, S] probabilities).
+_TILE_Q, _MAX_TILES = 128, 16
+
+
+def _single_cpu_device() -> bool:
+    """True when this trace runs on one CPU device (no multi-device mesh to keep sharded)."""
+    if _target_platform() != "cpu":
+        return False
+    mesh = _context_mesh()
+    return mesh is None or mesh.size == 1
+
+
+def _query_tiles(t: int, sliding_window: int | None) -> list[tuple[int, int, int]]:
+    """(first query, end, first visible key) of each query tile of causal self-attention."""
+    block = max(_TILE_Q, -(-t // _MAX_TILES))
+    return [(start, min(start + block, t), 0 if sliding_window is None else max(0, start - sliding_window + 1))
+            for start in range(0, t, block)]
+
+
+def _tile_logits(q_gtd, k_sd, seg_t, start, end, lo, sliding_window):
+    """Masked float32 logits [G, end - start, end - lo] of one query tile (q pre-scaled)."""
+    logits = jnp.einsum("gtd,sd->gts", q_gtd[:, start:end], k_sd[lo:end], preferred_element_type=jnp.float32)
+    q_idx, k_idx = jnp.arange(start, end)[:, None], jnp.arange(lo, end)[None, :]
+    mask = k_idx <= q_idx
+    if sliding_window is not None:
+        mask = mask & (k_idx > q_idx - sliding_window)
+    if seg_t is not None:
+        mask = mask & (seg_t[start:end, None] == seg_t[None, lo:end])
+    return jnp.where(mask[None], logits, _MASK_VALUE)
+
+
+def _pair_forward(q_gtd, k_sd, v_sd, seg_t, sliding_window):
+    outs, lses = [], []
+    for start, end, lo in _query_tiles(q_gtd.shape[1], sliding_window):
+        logits = _tile_logits(q_gtd, k_sd, seg_t, start, end, lo, sliding_window)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        p = jnp.exp(logits - row_max)
+        row_sum = jnp.sum(p, axis=-1, keepdims=True)
+        out = jnp.einsum("gts,sd->gtd", p.astype(v_sd.dtype), v_sd[lo:end], preferred_element_type=jnp.float32)
+        outs.append((out / row_sum).astype(v_sd.dtype))
+        lses.append((row_max + jnp.log(row_sum))[..., 0])
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+
+def _pair_backward(q_gtd, k_sd, v_sd, seg_t, out_gtd, lse_gt, d_out_gtd, sliding_window):
+    f32 = jnp.float32
+    delta_gt = jnp.sum(d_out_gtd.astype(f32) * out_gtd.astype(f32), axis=-1)
+    d_k, d_v = jnp.zeros(k_sd.shape, f32), jnp.zeros(v_sd.shape, f32)
+    d_qs = []
+    for start, end, lo in _query_tiles(q_gtd.shape[1], sliding_window):
+        p = jnp.exp(_tile_logits(q_gtd, k_sd, seg_t, start, end, lo, sliding_window) - lse_gt[:, start:end, None])
+        d_out = d_out_gtd[:, start:end]
+        d_v = d_v.at[lo:end].add(jnp.einsum("gts,gtd->sd", p.astype(v_sd.dtype), d_out.astype(v_sd.dtype),
+                                            preferred_element_type=f32))
+        d_p = jnp.einsum("gtd,sd->gts", d_out, v_sd[lo:end], preferred_element_type=f32)
+        d_s = (p * (d_p - delta_gt[:, start:end, None])).astype(q_gtd.dtype)
+        d_qs.append(jnp.einsum("gts,sd->gtd", d_s, k_sd[lo:end], preferred_element_type=f32))
+        d_k = d_k.at[lo:end].add(jnp.einsum("gts,gtd->sd", d_s, q_gtd[:, start:end], preferred_element_type=f32))
+    return jnp.concatenate(d_qs, axis=1), d_k, d_v
+
+
+def _map_pairs(fn, args, n_pairs: int):
+    """fn over the leading (pair) axis of every arg: one `lax.map` per CPU core, side by side."""
+    cores = min(n_pairs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    groups = max(g for g in range(1, cores + 1) if n_pairs % g == 0)
+    size = n_pairs // groups
+    parts = [jax.lax.map(lambda a: fn(*a), jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], args))
+             for i in range(groups)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+
+def _to_pairs(q_bthd, k_bskd, v_bskd, seg_bt):
+    """[B, T, H, D] -> per (batch, kv head): q [P, G, T, D], k and v [P, S, D], segment ids [P, T]."""
+    b, t, h, d = q_bthd.shape
+    kv = k_bskd.shape[2]
+    scale = jnp.asarray(d ** -0.5, q_bthd.dtype)
+    q = (q_bthd * scale).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, h // kv, t, d)
+    k, v = (x.transpose(0, 2, 1, 3).reshape(b * kv, t, d) for x in (k_bskd, v_bskd))
+    seg = None if seg_bt is None else jnp.repeat(seg_bt, kv, axis=0)
+    return q, k, v, seg
+
+
+def _from_pairs(x_pgtd, shape):
+    b, t, h, d = shape
+    return x_pgtd.reshape(b, -1, x_pgtd.shape[1], t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def cpu_tiled_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, segment_ids_bt: jax.Array | None,
+                        sliding_window: int | None) -> jax.Array:
+    """Causal self-attention scheduled for CPU caches and cores (see above); same result as the reference."""
+    return _tiled_forward(q_bthd, k_bskd, v_bskd, segment_ids_bt, sliding_window)[0]
+
+
+def _tiled_forward(q_bthd, k_bskd, v_bskd, segment_ids_bt, sliding_window):
+    q, k, v, seg = _to_pairs(q_bthd, k_bskd, v_bskd, segment_ids_bt)
+    out, lse = _map_pairs(lambda *a: _pair_forward(*a, sliding_window), (q, k, v, seg), q.shape[0])
+    return _from_pairs(out, q_bthd.shape), (q_bthd, k_bskd, v_bskd, segment_ids_bt, out, lse)
+
+
+def _tiled_backward(sliding_window, residuals, d_out_bthd):
+    q_bthd, k_bskd, v_bskd, segment_ids_bt, out, lse = residuals
+    q, k, v, seg = _to_pairs(q_bthd, k_bskd, v_bskd, segment_ids_bt)
+    b, t, h, d = q_bthd.shape
+    kv = k_bskd.shape[2]
+    d_out = d_out_bthd.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(q.shape)
+    d_q, d_k, d_v = _map_pairs(
+        lambda q, k, v, seg, o, lse, do: _pair_backward(q, k, v, seg, o, lse, do, sliding_window),
+        (q, k, v, seg, out, lse, d_out), q.shape[0])
+    d_q = _from_pairs(d_q * d ** -0.5, q_bthd.shape).astype(q_bthd.dtype)
+    d_k, d_v = (x.reshape(b, kv, t, d).transpose(0, 2, 1, 3).astype(k_bskd.dtype) for x in (d_k, d_v))
+    return d_q, d_k, d_v, None
+
+
+cpu_tiled_attention.defvjp(_tiled_forward, _tiled_backward)
 
 
 def _attention_probs(q_btkgd: jax.Array, k_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:

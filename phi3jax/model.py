@@ -73,6 +73,17 @@ class RMSNorm(nn.Module):
         return x32.astype(x_btd.dtype) * scale.astype(x_btd.dtype)
 
 
+def _project(x_btd: jax.Array, weights: tuple[jax.Array, ...]) -> list[jax.Array]:
+    """x @ w for weights [D, ...] of one shape, as one matmul over the weights stacked on a new axis.
+
+    One large matmul runs faster than several small ones (q/k/v, gate/up: ~6% of a CPU forward),
+    and the new axis is unsharded, so each weight keeps its heads/mlp sharding.
+    """
+    stacked = jnp.stack([w.astype(x_btd.dtype) for w in weights], axis=1)
+    out = jnp.einsum("btd,ds...->bts...", x_btd, stacked)
+    return [out[:, :, i] for i in range(len(weights))]
+
+
 class Attention(nn.Module):
     cfg: Phi3Config
 
@@ -88,9 +99,10 @@ class Attention(nn.Module):
         w_v = _param(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
         w_o = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), _normal(cfg))
 
-        q = jnp.einsum("btd,dhk->bthk", x_btd, w_q.astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x_btd, w_k.astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x_btd, w_v.astype(dt))
+        if h == kv:
+            q, k, v = _project(x_btd, (w_q, w_k, w_v))
+        else:
+            (q,), (k, v) = _project(x_btd, (w_q,)), _project(x_btd, (w_k, w_v))
         q = nn.with_logical_constraint(rope.apply_rope(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, "head_dim"))
         k = nn.with_logical_constraint(rope.apply_rope(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
         v = nn.with_logical_constraint(v, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
@@ -130,8 +142,7 @@ class MLP(nn.Module):
         w_gate = _param(self, "gate", (d, i), ("embed", "mlp"), _normal(cfg))
         w_up = _param(self, "up", (d, i), ("embed", "mlp"), _normal(cfg))
         w_down = _param(self, "down", (i, d), ("mlp", "embed"), _normal(cfg))
-        gate = jnp.einsum("btd,df->btf", x_btd, w_gate.astype(dt))
-        up = jnp.einsum("btd,df->btf", x_btd, w_up.astype(dt))
+        gate, up = _project(x_btd, (w_gate, w_up))
         hidden = nn.with_logical_constraint(up * nn.silu(gate), (BATCH, LENGTH, ACT_MLP))
         y = jnp.einsum("btf,fd->btd", hidden, w_down.astype(dt))
         return nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_EMBED))

@@ -199,31 +199,52 @@ def test_compiled_program_does_not_grow_with_depth():
     assert sizes[32] < 1.1 * sizes[4], sizes
 
 
-def test_xla_attention_gradients_equal_autodiff_of_the_plain_formula():
-    """The XLA path's hand-written backward (flash-attention form) against jax.grad of softmax(QK^T)V,
-    with GQA, a sliding window and two packed segments. float32: agreement to 1e-5."""
+@pytest.mark.parametrize("cpu_tiles", [True, False], ids=["cpu-tiles", "batched"])
+@pytest.mark.parametrize("t", [33, 300])
+def test_xla_attention_gradients_equal_autodiff_of_the_plain_formula(monkeypatch, cpu_tiles, t):
+    """Both XLA schedules (per-pair tiles on one CPU device; batched query blocks elsewhere) and their
+    hand-written backwards (flash-attention form) against jax.grad of softmax(QK^T)V, with GQA, a
+    sliding window and two packed segments; 300 tokens span several tiles and blocks.
+    float32: agreement to 1e-5 (sums of ~300 terms of O(1) values)."""
     import jax
     import jax.numpy as jnp
 
     from phi3jax import attention as A
 
+    monkeypatch.setattr(A, "_single_cpu_device", lambda: cpu_tiles)
     rs = np.random.RandomState(0)
-    b, t, h, kv, d = 2, 33, 8, 2, 16
+    b, h, kv, d, window = 2, 8, 2, 16, (7 if t < 100 else 150)
     q, k, v, w = (jnp.asarray(rs.randn(*shape), jnp.float32)
                   for shape in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)))
-    segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 13], b, 0))
+    split = 2 * t // 3
+    segments = jnp.asarray(np.repeat([[1] * split + [2] * (t - split)], b, 0))
 
     def plain(q, k, v):
-        mask = A.attention_mask(t, t, q_segment_ids=segments, causal=True, sliding_window=7)
+        mask = A.attention_mask(t, t, q_segment_ids=segments, causal=True, sliding_window=window)
         logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k) * d ** -0.5
         probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -1e30), axis=-1)
         return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
     def ours(q, k, v):
-        return A.xla_attention(q, k, v, q_segment_ids_bt=segments, causal=True, sliding_window=7)
+        return A.xla_attention(q, k, v, q_segment_ids_bt=segments, causal=True, sliding_window=window)
 
-    np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), atol=1e-6)
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), plain(q, k, v), atol=1e-6)
     expected = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2)))(q, k, v)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_cpu_tiled_attention_in_bfloat16_stays_within_bfloat16_error_of_float32():
+    """bfloat16 inputs (float32 softmax inside): outputs within 3e-2 of the float32 result, the
+    size of a few bfloat16 roundings (2^-8 relative) of O(1) values; and the output keeps bfloat16."""
+    import jax.numpy as jnp
+
+    from phi3jax import attention as A
+
+    rs = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rs.randn(1, 200, 4, 32), jnp.float32) for _ in range(3))
+    exact = A.cpu_tiled_attention(q, k, v, None, None)
+    low = A.cpu_tiled_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, None)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), exact, atol=3e-2)

@@ -25,6 +25,19 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median step time of each, timing them in turn so that both see the same machine load."""
+    for step in steps.values():
+        step()  # compile / warm up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def matmul_gflops(n: int = 2048) -> dict[str, float]:
     """float32 matmul GFLOP/s of this machine, as JAX (XLA) and torch reach it."""
     a = np.random.rand(n, n).astype(np.float32)

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from _measure import matmul_gflops, timeit  # noqa: E402
+from _measure import interleaved_medians, matmul_gflops, timeit  # noqa: E402
 
 from phi3jax import forward, generate, load_hf  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
@@ -72,8 +72,9 @@ def bench_forward(hf, cfg, params, batch: int, length: int, repeats: int) -> dic
         with torch.no_grad():
             hf(tt)
 
-    hf_s = timeit(hf_run, repeats)
-    jax_s = timeit(lambda: forward(params, cfg, tokens).block_until_ready(), repeats)
+    medians = interleaved_medians({"hf": hf_run, "phi3jax": lambda: forward(params, cfg, tokens).block_until_ready()},
+                                  repeats)
+    hf_s, jax_s = medians["hf"], medians["phi3jax"]
     n = batch * length
     return {"hf_tokens_per_s": n / hf_s, "phi3jax_tokens_per_s": n / jax_s, "speedup": hf_s / jax_s,
             "max_abs_logit_diff": max_diff}
@@ -94,8 +95,8 @@ def bench_decode(hf, cfg, params, prompt_len: int, new_tokens: int, repeats: int
         return generate(params, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=[], chunk_size=new_tokens)
 
     ours_tokens = ours_run().tokens[0]
-    hf_s = timeit(hf_run, repeats)
-    jax_s = timeit(ours_run, repeats)
+    medians = interleaved_medians({"hf": hf_run, "phi3jax": ours_run}, repeats)
+    hf_s, jax_s = medians["hf"], medians["phi3jax"]
     return {"hf_tokens_per_s": new_tokens / hf_s, "phi3jax_tokens_per_s": new_tokens / jax_s,
             "speedup": hf_s / jax_s, "same_tokens": bool((hf_tokens == ours_tokens).all())}
 
@@ -112,7 +113,7 @@ def compile_seconds(layers: int, config: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     config = QUICK if args.quick else CONFIG

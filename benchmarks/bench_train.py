@@ -17,9 +17,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -31,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from _measure import matmul_gflops  # noqa: E402
+from _measure import interleaved_medians, matmul_gflops  # noqa: E402
 
 from phi3jax import load_hf  # noqa: E402
 from phi3jax.train.metrics import train_flops_per_token  # noqa: E402
@@ -84,19 +82,6 @@ def jax_train_step(params, cfg, tokens: np.ndarray) -> tuple[Callable[[], None],
         losses.append(float(metrics["loss"]))  # waits for the step
 
     return step, losses
-
-
-def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median step time of each, timing them in turn so that both see the same machine load."""
-    for step in steps.values():
-        step()  # compile / warm up
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:

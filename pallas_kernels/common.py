@@ -9,6 +9,9 @@ those ranges is fully masked, so it is never loaded nor computed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -200,3 +203,51 @@ def block_segment_ranges(seg_bt: jax.Array, block: int) -> tuple[jax.Array, jax.
     b, t = seg_bt.shape
     blocks = seg_bt.reshape(b, t // block, block)
     return jnp.min(blocks, axis=-1).reshape(-1), jnp.max(blocks, axis=-1).reshape(-1)
+
+
+def flash_geometry(q_len: int, kv_len: int, blocks: BlockSizes, pick: Callable[[int, int], int], *, causal: bool,
+                   window: int | None, q_seg: jax.Array | None, kv_seg: jax.Array | None
+                   ) -> tuple[MaskInfo, MaskInfo, jax.Array | None, jax.Array | None]:
+    """(forward MaskInfo, backward MaskInfo, padded q segment ids, padded kv segment ids).
+
+    `pick(length, requested)` is the backend's block-size rule; both passes share one padded
+    length (a multiple of their blocks), and segment ids are padded by repeating the last id.
+    """
+    bq_f, bk_f = pick(q_len, blocks.block_q), pick(kv_len, blocks.block_k)
+    bq_b, bk_b = pick(q_len, blocks.block_q_bwd), pick(kv_len, blocks.block_k_bwd)
+    t_pad, s_pad = round_up(q_len, math.lcm(bq_f, bq_b)), round_up(kv_len, math.lcm(bk_f, bk_b))
+    common = dict(q_len=q_len, kv_len=kv_len, q_len_padded=t_pad, kv_len_padded=s_pad, causal=causal,
+                  window=window, has_segments=q_seg is not None)
+    qseg = kseg = None
+    if q_seg is not None:
+        qseg = pad_axis(q_seg.astype(jnp.int32), 1, t_pad, mode="edge")
+        kseg = pad_axis(kv_seg.astype(jnp.int32), 1, s_pad, mode="edge")
+    return MaskInfo(block_q=bq_f, block_k=bk_f, **common), MaskInfo(block_q=bq_b, block_k=bk_b, **common), qseg, kseg
+
+
+def flash_with_vjp(fwd: Callable, bwd_dq: Callable, bwd_dkv: Callable, row_dot: Callable) -> Callable:
+    """One backend's flash kernels as a differentiable function
+    `(q, k, v, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret) -> o`.
+
+    The backward is the flash-attention one: di = rowsum(o * do) (`row_dot`, in the layout the
+    backend's kernels read), then one kernel for dq and one for dk and dv.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+    def flash(q, k, v, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret):
+        return fwd(q, k, v, offset, qseg, kseg, info=fwd_info, scale=scale, interpret=interpret)[0]
+
+    def fwd_rule(q, k, v, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret):
+        o, lse = fwd(q, k, v, offset, qseg, kseg, info=fwd_info, scale=scale, interpret=interpret)
+        return o, (q, k, v, offset, qseg, kseg, o, lse)
+
+    def bwd_rule(fwd_info, bwd_info, scale, interpret, res, do):
+        q, k, v, offset, qseg, kseg, o, lse = res
+        di = row_dot(o.astype(jnp.float32), do.astype(jnp.float32))
+        kw = dict(info=bwd_info, scale=scale, interpret=interpret)
+        dq = bwd_dq(q, k, v, do, lse, di, offset, qseg, kseg, **kw)
+        dk, dv = bwd_dkv(q, k, v, do, lse, di, offset, qseg, kseg, **kw)
+        return dq, dk, dv, None, None, None
+
+    flash.defvjp(fwd_rule, bwd_rule)
+    return flash

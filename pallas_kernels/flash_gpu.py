@@ -17,14 +17,13 @@ by the wrapper, and padding keys are masked.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import MaskInfo, pad_axis, round_up
+from pallas_kernels.common import MaskInfo, flash_geometry, flash_with_vjp, pad_axis
 
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -288,26 +287,8 @@ def flash_bwd_dkv(q, k, v, do, lse, di, offset, qseg, kseg, *, info: MaskInfo, s
 
 
 # ------------------------------------------------------------------------------ custom VJP
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _flash(q, k, v, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret):
-    return flash_fwd(q, k, v, offset, qseg, kseg, info=fwd_info, scale=scale, interpret=interpret)[0]
-
-
-def _flash_fwd_rule(q, k, v, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret):
-    o, lse = flash_fwd(q, k, v, offset, qseg, kseg, info=fwd_info, scale=scale, interpret=interpret)
-    return o, (q, k, v, offset, qseg, kseg, o, lse)
-
-
-def _flash_bwd_rule(fwd_info, bwd_info, scale, interpret, res, do):
-    q, k, v, offset, qseg, kseg, o, lse = res
-    di = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    kw = dict(info=bwd_info, scale=scale, interpret=interpret)
-    dq = flash_bwd_dq(q, k, v, do, lse, di, offset, qseg, kseg, **kw)
-    dk, dv = flash_bwd_dkv(q, k, v, do, lse, di, offset, qseg, kseg, **kw)
-    return dq, dk, dv, None, None, None
-
-
-_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+_flash = flash_with_vjp(flash_fwd, flash_bwd_dq, flash_bwd_dkv,
+                        row_dot=lambda o, do: jnp.einsum("bthd,bthd->bht", o, do))
 
 
 def gpu_flash_attention(q, k, v, offset, q_seg, kv_seg, *, causal, window, scale, blocks, interpret):
@@ -318,18 +299,9 @@ def gpu_flash_attention(q, k, v, offset, q_seg, kv_seg, *, causal, window, scale
     def pick(length, requested):  # a power of two >= 16, no longer than the sequence needs
         return max(16, min(pl.next_power_of_2(requested), pl.next_power_of_2(length)))
 
-    bq_f, bk_f = pick(t, blocks.block_q), pick(s, blocks.block_k)
-    bq_b, bk_b = pick(t, blocks.block_q_bwd), pick(s, blocks.block_k_bwd)
-    t_pad, s_pad = round_up(t, math.lcm(bq_f, bq_b)), round_up(s, math.lcm(bk_f, bk_b))
-    has_seg = q_seg is not None
-    common = dict(q_len=t, kv_len=s, q_len_padded=t_pad, kv_len_padded=s_pad, causal=causal, window=window,
-                  has_segments=has_seg)
-    fwd_info = MaskInfo(block_q=bq_f, block_k=bk_f, **common)
-    bwd_info = MaskInfo(block_q=bq_b, block_k=bk_b, **common)
+    fwd_info, bwd_info, qseg, kseg = flash_geometry(t, s, blocks, pick, causal=causal, window=window,
+                                                    q_seg=q_seg, kv_seg=kv_seg)
+    t_pad, s_pad = fwd_info.q_len_padded, fwd_info.kv_len_padded
     qp, kp, vp = pad_axis(q, 1, t_pad), pad_axis(k, 1, s_pad), pad_axis(v, 1, s_pad)
-    qseg = kseg = None
-    if has_seg:
-        qseg = pad_axis(q_seg.astype(jnp.int32), 1, t_pad, mode="edge")
-        kseg = pad_axis(kv_seg.astype(jnp.int32), 1, s_pad, mode="edge")
     o = _flash(qp, kp, vp, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret)
     return o[:, :t]

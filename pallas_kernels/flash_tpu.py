@@ -21,14 +21,13 @@ wrapper (`pallas_kernels.flash`) and the padding keys masked, so callers pass an
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MaskInfo, block_segment_ranges, pad_axis, round_up
+from pallas_kernels.common import MaskInfo, block_segment_ranges, flash_geometry, flash_with_vjp, pad_axis, round_up
 
 LANES = 128
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -365,26 +364,7 @@ def flash_bwd_dkv(q5, k4, v4, do5, lse, di, offset, qseg, kseg, *, info: MaskInf
 
 
 # ------------------------------------------------------------------------------ custom VJP
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _flash(q5, k4, v4, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret):
-    return flash_fwd(q5, k4, v4, offset, qseg, kseg, info=fwd_info, scale=scale, interpret=interpret)[0]
-
-
-def _flash_fwd_rule(q5, k4, v4, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret):
-    o5, lse = flash_fwd(q5, k4, v4, offset, qseg, kseg, info=fwd_info, scale=scale, interpret=interpret)
-    return o5, (q5, k4, v4, offset, qseg, kseg, o5, lse)
-
-
-def _flash_bwd_rule(fwd_info, bwd_info, scale, interpret, res, do5):
-    q5, k4, v4, offset, qseg, kseg, o5, lse = res
-    di = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)
-    kw = dict(info=bwd_info, scale=scale, interpret=interpret)
-    dq = flash_bwd_dq(q5, k4, v4, do5, lse, di, offset, qseg, kseg, **kw)
-    dk, dv = flash_bwd_dkv(q5, k4, v4, do5, lse, di, offset, qseg, kseg, **kw)
-    return dq, dk, dv, None, None, None
-
-
-_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+_flash = flash_with_vjp(flash_fwd, flash_bwd_dq, flash_bwd_dkv, row_dot=lambda o5, do5: jnp.sum(o5 * do5, axis=-1))
 
 
 def tpu_flash_attention(q, k, v, offset, q_seg, kv_seg, *, causal, window, scale, blocks, interpret):
@@ -396,21 +376,12 @@ def tpu_flash_attention(q, k, v, offset, q_seg, kv_seg, *, causal, window, scale
     def pick(length, requested):  # a 128-multiple no longer than the (128-rounded) sequence
         return max(LANES, min(round_up(requested, LANES), round_up(length, LANES)))
 
-    bq_f, bk_f = pick(t, blocks.block_q), pick(s, blocks.block_k)
-    bq_b, bk_b = pick(t, blocks.block_q_bwd), pick(s, blocks.block_k_bwd)
-    t_pad, s_pad = round_up(t, math.lcm(bq_f, bq_b)), round_up(s, math.lcm(bk_f, bk_b))
-    has_seg = q_seg is not None
-    common = dict(q_len=t, kv_len=s, q_len_padded=t_pad, kv_len_padded=s_pad, causal=causal, window=window,
-                  has_segments=has_seg)
-    fwd_info = MaskInfo(block_q=bq_f, block_k=bk_f, **common)
-    bwd_info = MaskInfo(block_q=bq_b, block_k=bk_b, **common)
+    fwd_info, bwd_info, qseg, kseg = flash_geometry(t, s, blocks, pick, causal=causal, window=window,
+                                                    q_seg=q_seg, kv_seg=kv_seg)
+    t_pad, s_pad = fwd_info.q_len_padded, fwd_info.kv_len_padded
 
     q5 = pad_axis(q, 1, t_pad).reshape(batch, t_pad, kv, group, d).transpose(0, 2, 3, 1, 4)
     k4 = pad_axis(k, 1, s_pad).transpose(0, 2, 1, 3)
     v4 = pad_axis(v, 1, s_pad).transpose(0, 2, 1, 3)
-    qseg = kseg = None
-    if has_seg:
-        qseg = pad_axis(q_seg.astype(jnp.int32), 1, t_pad, mode="edge")
-        kseg = pad_axis(kv_seg.astype(jnp.int32), 1, s_pad, mode="edge")
     o5 = _flash(q5, k4, v4, offset, qseg, kseg, fwd_info, bwd_info, scale, interpret)
     return o5.transpose(0, 3, 1, 2, 4).reshape(batch, t_pad, h, d)[:, :t]

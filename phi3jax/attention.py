@@ -39,9 +39,22 @@ _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCKS = 128, 8
 def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
                   q_offset_b: jax.Array | None = None, q_segment_ids_bt: jax.Array | None = None,
                   kv_segment_ids_bs: jax.Array | None = None, causal: bool = True,
-                  sliding_window: int | None = None) -> jax.Array:
-    """Reference attention in plain XLA ops: float32 logits and softmax, GQA by einsum."""
+                  sliding_window: int | None = None, kv_heads_major: bool = False) -> jax.Array:
+    """Reference attention in plain XLA ops: float32 logits and softmax, GQA by einsum.
+
+    kv_heads_major: k and v are [B, KV, S, D] (the XLA decode cache layout, see
+    `phi3jax.model.kv_cache_heads_major`) instead of [B, S, KV, D].
+    """
     b, t, h, d = q_bthd.shape
+    if kv_heads_major:
+        kv_heads, s = k_bskd.shape[1], k_bskd.shape[2]
+        mask_bts = attention_mask(t, s, q_offset=q_offset_b, q_segment_ids=q_segment_ids_bt,
+                                  kv_segment_ids=kv_segment_ids_bs, causal=causal, sliding_window=sliding_window)
+        q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+        logits_bkgts = jnp.einsum("btkgd,bksd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+        logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts * d ** -0.5, _MASK_VALUE)
+        probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskd.dtype)
+        return jnp.einsum("bkgts,bksd->btkgd", probs_bkgts, v_bskd).reshape(b, t, h, d)
     s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
     self_attention = causal and q_offset_b is None and kv_segment_ids_bs is None and t == s
     if self_attention and _single_cpu_device():
@@ -369,12 +382,13 @@ def _kernel_call(impl: str, q_bthd, k_bskd, v_bskd, q_offset_b, q_segment_ids_bt
 def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
               q_offset_b: jax.Array | None = None, q_segment_ids_bt: jax.Array | None = None,
               kv_segment_ids_bs: jax.Array | None = None, causal: bool = True,
-              sliding_window: int | None = None, impl: str = "auto") -> jax.Array:
+              sliding_window: int | None = None, impl: str = "auto", kv_heads_major: bool = False) -> jax.Array:
     """Multi-head attention with GQA, causal / sliding-window / segment masking.
 
-    q [B, T, H, D]; k, v [B, S, KV, D] with KV dividing H. `q_offset_b` [B] is the index
-    of each row's first query in the key sequence (0 for self-attention over the same
-    tokens, the cache position when decoding). Returns [B, T, H, D] in v's dtype.
+    q [B, T, H, D]; k, v [B, S, KV, D] with KV dividing H ([B, KV, S, D] with `kv_heads_major`,
+    the layout of the XLA path's decode cache). `q_offset_b` [B] is the index of each row's
+    first query in the key sequence (0 for self-attention over the same tokens, the cache
+    position when decoding). Returns [B, T, H, D] in v's dtype.
 
     `impl` (see `resolve_impl`): xla is the reference; pallas runs our flash kernel (and,
     for one query per row against a cache, the decode kernel); splash and cudnn run JAX's
@@ -382,9 +396,16 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
     kernels run per device through shard_map over the batch and head axes that the flax
     logical rules give `batch` and `act_heads`.
     """
-    if q_bthd.shape[2] % k_bskd.shape[2]:
-        raise ValueError(f"{q_bthd.shape[2]} query heads cannot share {k_bskd.shape[2]} kv heads")
+    kv_heads = k_bskd.shape[1 if kv_heads_major else 2]
+    if q_bthd.shape[2] % kv_heads:
+        raise ValueError(f"{q_bthd.shape[2]} query heads cannot share {kv_heads} kv heads")
     resolved = resolve_impl(impl)
+    if kv_heads_major and resolved == "xla":
+        return xla_attention(q_bthd, k_bskd, v_bskd, q_offset_b=q_offset_b, q_segment_ids_bt=q_segment_ids_bt,
+                             kv_segment_ids_bs=kv_segment_ids_bs, causal=causal, sliding_window=sliding_window,
+                             kv_heads_major=True)
+    if kv_heads_major:  # the kernels tile [B, S, KV, D]
+        k_bskd, v_bskd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
     if q_offset_b is None and kv_segment_ids_bs is None and q_bthd.shape[1] == k_bskd.shape[1]:
         # Under a mesh that splits sequences (phi3jax.sharding, mesh.sequence > 1), self-attention
         # runs as ring attention, so no device ever holds a whole sequence's keys.

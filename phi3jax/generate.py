@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi3jax.config import Phi3Config
-from phi3jax.model import KVCache, Params, Phi3, check_tokens, unstack_layers
+from phi3jax.model import KVCache, Params, Phi3, check_tokens, kv_cache_heads_major, unstack_layers
 from phi3jax.rope import use_long_factors
 
 
@@ -87,7 +87,9 @@ def sample_logits(logits_bv: jax.Array, rng: jax.Array, sampling: SamplingParams
 
 
 def init_cache(cfg: Phi3Config, batch: int, max_len: int) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    per_row = (kv, max_len, hd) if kv_cache_heads_major(cfg) else (max_len, kv, hd)
+    shape = (cfg.num_hidden_layers, batch, *per_row)
     return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 

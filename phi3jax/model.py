@@ -29,7 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from phi3jax import rope
-from phi3jax.attention import attention
+from phi3jax.attention import attention, resolve_impl
 from phi3jax.config import Phi3Config
 
 Params = dict[str, Any]
@@ -43,10 +43,18 @@ ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim] each."""
+    """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim] each, or
+    [layers, batch, kv_heads, max_len, head_dim] where `kv_cache_heads_major(cfg)`."""
 
     k: jax.Array
     v: jax.Array
+
+
+def kv_cache_heads_major(cfg: Phi3Config) -> bool:
+    """The KV cache layout: heads-major [L, B, KV, S, D] for XLA attention, whose matmuls read each
+    head's keys in place (with [L, B, S, KV, D] XLA on CPU transposes every layer's cache on every
+    decode step, ~35% of the step); [L, B, S, KV, D] for the kernels, which tile that layout."""
+    return resolve_impl(cfg.attention_impl) == "xla"
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...],
@@ -112,23 +120,29 @@ class Attention(nn.Module):
                             sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
         else:
             # Write this step's keys/values at each row's own offset, then attend over the cache.
-            cache = KVCache(_write_cache(cache.k, k, layer, q_offset_b), _write_cache(cache.v, v, layer, q_offset_b))
+            heads_major = kv_cache_heads_major(cfg)
+            cache = KVCache(_write_cache(cache.k, k, layer, q_offset_b, heads_major),
+                            _write_cache(cache.v, v, layer, q_offset_b, heads_major))
             k_all = jax.lax.dynamic_index_in_dim(cache.k, layer, axis=0, keepdims=False)
             v_all = jax.lax.dynamic_index_in_dim(cache.v, layer, axis=0, keepdims=False)
-            out = attention(q, k_all, v_all, q_offset_b=q_offset_b, causal=True,
-                            sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
+            out = attention(q, k_all, v_all, q_offset_b=q_offset_b, causal=True, sliding_window=cfg.sliding_window,
+                            impl=cfg.attention_impl, kv_heads_major=heads_major)
         out = checkpoint_name(out, "attn_out")
         y = jnp.einsum("bthk,hkd->btd", out, w_o.astype(dt))
         return nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_EMBED)), cache
 
 
-def _write_cache(cache_lbskd: jax.Array, new_btkd: jax.Array, layer: jax.Array,
-                 offset_b: jax.Array) -> jax.Array:
-    """cache[layer, b, offset_b[b] : offset_b[b] + T] = new[b] for every row b (one in-place scatter)."""
+def _write_cache(cache: jax.Array, new_btkd: jax.Array, layer: jax.Array, offset_b: jax.Array,
+                 heads_major: bool) -> jax.Array:
+    """cache[layer, b, offset_b[b] : offset_b[b] + T] = new[b] for every row b (one in-place scatter;
+    the sequence axis comes after the kv-heads axis when `heads_major`)."""
     batch, length = new_btkd.shape[:2]
     rows_b1 = jnp.arange(batch)[:, None]
     cols_bt = offset_b[:, None] + jnp.arange(length)[None, :]
-    return cache_lbskd.at[layer, rows_b1, cols_bt].set(new_btkd.astype(cache_lbskd.dtype))
+    new_btkd = new_btkd.astype(cache.dtype)
+    if heads_major:  # advanced indices around a slice: the update keeps its [B, T, KV, D] order
+        return cache.at[layer, rows_b1, :, cols_bt].set(new_btkd)
+    return cache.at[layer, rows_b1, cols_bt].set(new_btkd)
 
 
 class MLP(nn.Module):

@@ -3,7 +3,10 @@
 Same config, same float32 weights, same tokens, one process, torch limited to the same thread
 count JAX gets. Also measures this machine's limits in the same run: float32 matmul GFLOP/s
 and memory bandwidth (decode of a float32 model is bounded by bandwidth / weight bytes read per
-token). And the jit compile time of a 32-layer model against a 4-layer one (nn.scan keeps it flat).
+token). Greedy decode is also timed in llama.cpp (llama-cpp-python, a dev dependency) on the same
+weights exported to a float32 GGUF, when the Phi-3 tokenizer (../shared/data/phi3-vocab) is there
+for the export. And the jit compile time of a 32-layer model against a 4-layer one (nn.scan keeps
+it flat).
 
     python benchmarks/bench_model.py            # the issue's CPU config
     python benchmarks/bench_model.py --quick    # a smaller config, to check the script
@@ -14,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
@@ -29,13 +35,20 @@ from _measure import interleaved_medians, matmul_gflops, timeit  # noqa: E402
 
 from phi3jax import forward, generate, load_hf  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
+from phi3jax.convert.gguf import to_gguf  # noqa: E402
 from phi3jax.model import _forward, init_params  # noqa: E402
+
+try:
+    import llama_cpp  # noqa: E402
+except ImportError:  # the dev extra installs it
+    llama_cpp = None
 
 torch.set_num_threads(THREADS)
 
 CONFIG = dict(vocab_size=32064, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
               original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
+PHI3_TOKENIZER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "phi3-vocab" / "tokenizer.model"
 QUICK = dict(CONFIG, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4)
 
@@ -80,7 +93,29 @@ def bench_forward(hf, cfg, params, batch: int, length: int, repeats: int) -> dic
             "max_abs_logit_diff": max_diff}
 
 
-def bench_decode(hf, cfg, params, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def llama_cpp_greedy(directory: str, prompt: list[int], new_tokens: int) -> Callable[[], list[int]] | None:
+    """Greedy decode in llama.cpp of the HF checkpoint in `directory` (exported to a float32 GGUF with a
+    float32 KV cache, as phi3jax and HF compute), or None when llama.cpp or the tokenizer is missing."""
+    if llama_cpp is None or not PHI3_TOKENIZER.is_file():
+        return None
+    shutil.copyfile(PHI3_TOKENIZER, os.path.join(directory, "tokenizer.model"))
+    path = to_gguf(os.path.join(directory, "model-f32.gguf"), hf_dir=directory, quant="f32")
+    f32 = 0  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens, n_batch=len(prompt), type_k=f32,
+                          type_v=f32, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+
+    def run() -> list[int]:
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(token)
+            if len(out) == new_tokens:
+                return out
+        return out
+
+    return run
+
+
+def bench_decode(hf, cfg, params, directory: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     prompt = np.random.RandomState(1).randint(3, cfg.vocab_size, (1, prompt_len))
     tt = torch.as_tensor(prompt, dtype=torch.long)
 
@@ -95,10 +130,22 @@ def bench_decode(hf, cfg, params, prompt_len: int, new_tokens: int, repeats: int
         return generate(params, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=[], chunk_size=new_tokens)
 
     ours_tokens = ours_run().tokens[0]
-    medians = interleaved_medians({"hf": hf_run, "phi3jax": ours_run}, repeats)
+    runs = {"hf": hf_run, "phi3jax": ours_run}
+    llama_run = llama_cpp_greedy(directory, prompt[0].tolist(), new_tokens)
+    if llama_run is not None:
+        runs["llama_cpp"] = llama_run
+    medians = interleaved_medians(runs, repeats)
     hf_s, jax_s = medians["hf"], medians["phi3jax"]
-    return {"hf_tokens_per_s": new_tokens / hf_s, "phi3jax_tokens_per_s": new_tokens / jax_s,
-            "speedup": hf_s / jax_s, "same_tokens": bool((hf_tokens == ours_tokens).all())}
+    out = {"hf_tokens_per_s": new_tokens / hf_s, "phi3jax_tokens_per_s": new_tokens / jax_s,
+           "speedup": hf_s / jax_s, "same_tokens": bool((hf_tokens == ours_tokens).all())}
+    if llama_run is not None:
+        out["llama_cpp_tokens_per_s"] = new_tokens / medians["llama_cpp"]
+        out["llama_cpp_speedup_over_hf"] = hf_s / medians["llama_cpp"]
+        out["phi3jax_vs_llama_cpp"] = medians["llama_cpp"] / jax_s
+        out["llama_cpp_same_tokens_as_hf"] = bool((np.asarray(llama_run()) == hf_tokens).all())
+    else:
+        out["llama_cpp"] = "not measured: needs llama-cpp-python and the Phi-3 tokenizer for the GGUF export"
+    return out
 
 
 def compile_seconds(layers: int, config: dict) -> float:
@@ -132,11 +179,13 @@ def main() -> None:
         fwd["phi3jax_fraction_of_matmul_peak"] = fwd["phi3jax_tokens_per_s"] * flops_per_token / 1e9 / peak
         fwd["hf_fraction_of_matmul_peak"] = fwd["hf_tokens_per_s"] * flops_per_token / 1e9 / peak
         results["forward_4x512"] = fwd
-        dec = bench_decode(hf, cfg, params, 32, 128, args.repeats)
+        dec = bench_decode(hf, cfg, params, d, 32, 128, args.repeats)
         bound = results["bandwidth_gb_per_s"] * 1e9 / (4 * non_embed)
         dec["bandwidth_bound_tokens_per_s"] = bound
         dec["phi3jax_fraction_of_bound"] = dec["phi3jax_tokens_per_s"] / bound
         dec["hf_fraction_of_bound"] = dec["hf_tokens_per_s"] / bound
+        if "llama_cpp_tokens_per_s" in dec:
+            dec["llama_cpp_fraction_of_bound"] = dec["llama_cpp_tokens_per_s"] / bound
         results["decode_b1_p32_n128"] = dec
     c4, c32 = compile_seconds(4, config), compile_seconds(32, config)
     results["compile_seconds"] = {"layers_4": c4, "layers_32": c32, "ratio": c32 / c4}

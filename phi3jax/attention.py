@@ -42,8 +42,8 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
                   sliding_window: int | None = None, kv_heads_major: bool = False) -> jax.Array:
     """Reference attention in plain XLA ops: float32 logits and softmax, GQA by einsum.
 
-    kv_heads_major: k and v are [B, KV, S, D] (the XLA decode cache layout, see
-    `phi3jax.model.kv_cache_heads_major`) instead of [B, S, KV, D].
+    kv_heads_major: k is [B, KV, S, D] and v [B, KV, D, S] (the XLA decode cache layout, see
+    `phi3jax.model.kv_cache_heads_major`) instead of both [B, S, KV, D].
     """
     b, t, h, d = q_bthd.shape
     if kv_heads_major:
@@ -54,7 +54,7 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
         logits_bkgts = jnp.einsum("btkgd,bksd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
         logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts * d ** -0.5, _MASK_VALUE)
         probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskd.dtype)
-        return jnp.einsum("bkgts,bksd->btkgd", probs_bkgts, v_bskd).reshape(b, t, h, d)
+        return jnp.einsum("bkgts,bkds->btkgd", probs_bkgts, v_bskd).reshape(b, t, h, d)
     s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
     self_attention = causal and q_offset_b is None and kv_segment_ids_bs is None and t == s
     if self_attention and _single_cpu_device():
@@ -385,8 +385,8 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
               sliding_window: int | None = None, impl: str = "auto", kv_heads_major: bool = False) -> jax.Array:
     """Multi-head attention with GQA, causal / sliding-window / segment masking.
 
-    q [B, T, H, D]; k, v [B, S, KV, D] with KV dividing H ([B, KV, S, D] with `kv_heads_major`,
-    the layout of the XLA path's decode cache). `q_offset_b` [B] is the index of each row's
+    q [B, T, H, D]; k, v [B, S, KV, D] with KV dividing H (k [B, KV, S, D] and v [B, KV, D, S]
+    with `kv_heads_major`, the layout of the XLA path's decode cache). `q_offset_b` [B] is the index of each row's
     first query in the key sequence (0 for self-attention over the same tokens, the cache
     position when decoding). Returns [B, T, H, D] in v's dtype.
 
@@ -405,7 +405,7 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
                              kv_segment_ids_bs=kv_segment_ids_bs, causal=causal, sliding_window=sliding_window,
                              kv_heads_major=True)
     if kv_heads_major:  # the kernels tile [B, S, KV, D]
-        k_bskd, v_bskd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+        k_bskd, v_bskd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 3, 1, 2)
     if q_offset_b is None and kv_segment_ids_bs is None and q_bthd.shape[1] == k_bskd.shape[1]:
         # Under a mesh that splits sequences (phi3jax.sharding, mesh.sequence > 1), self-attention
         # runs as ring attention, so no device ever holds a whole sequence's keys.

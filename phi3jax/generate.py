@@ -87,10 +87,13 @@ def sample_logits(logits_bv: jax.Array, rng: jax.Array, sampling: SamplingParams
 
 
 def init_cache(cfg: Phi3Config, batch: int, max_len: int) -> KVCache:
-    kv, hd = cfg.num_key_value_heads, cfg.head_dim
-    per_row = (kv, max_len, hd) if kv_cache_heads_major(cfg) else (max_len, kv, hd)
-    shape = (cfg.num_hidden_layers, batch, *per_row)
-    return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+    """An empty cache in `cfg`'s layout (see `KVCache`)."""
+    kv, hd, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    if kv_cache_heads_major(cfg):
+        k_shape, v_shape = (layers, batch, kv, max_len, hd), (layers, batch, kv, hd, max_len)
+    else:
+        k_shape = v_shape = (layers, batch, max_len, kv, hd)
+    return KVCache(jnp.zeros(k_shape, cfg.dtype), jnp.zeros(v_shape, cfg.dtype))
 
 
 def _accept(state: DecodeState, logits_bv: jax.Array, cache: KVCache, sampling: SamplingParams,

@@ -43,17 +43,19 @@ ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim] each, or
-    [layers, batch, kv_heads, max_len, head_dim] where `kv_cache_heads_major(cfg)`."""
+    """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim] each, or, where
+    `kv_cache_heads_major(cfg)`, k [layers, batch, kv_heads, max_len, head_dim] and v [layers, batch,
+    kv_heads, head_dim, max_len]."""
 
     k: jax.Array
     v: jax.Array
 
 
 def kv_cache_heads_major(cfg: Phi3Config) -> bool:
-    """The KV cache layout: heads-major [L, B, KV, S, D] for XLA attention, whose matmuls read each
-    head's keys in place (with [L, B, S, KV, D] XLA on CPU transposes every layer's cache on every
-    decode step, ~35% of the step); [L, B, S, KV, D] for the kernels, which tile that layout."""
+    """The KV cache layout: heads-major for XLA attention, keys [L, B, KV, S, D] and values
+    [L, B, KV, D, S], so that both of its matmuls (q.k over D, p.v over S) read each head's cache
+    in place (with [L, B, S, KV, D] XLA on CPU transposes every layer's cache on every decode step,
+    ~35% of the step); [L, B, S, KV, D] for the kernels, which tile that layout."""
     return resolve_impl(cfg.attention_impl) == "xla"
 
 
@@ -121,8 +123,8 @@ class Attention(nn.Module):
         else:
             # Write this step's keys/values at each row's own offset, then attend over the cache.
             heads_major = kv_cache_heads_major(cfg)
-            cache = KVCache(_write_cache(cache.k, k, layer, q_offset_b, heads_major),
-                            _write_cache(cache.v, v, layer, q_offset_b, heads_major))
+            cache = KVCache(_write_cache(cache.k, k, layer, q_offset_b, "bksd" if heads_major else "bskd"),
+                            _write_cache(cache.v, v, layer, q_offset_b, "bkds" if heads_major else "bskd"))
             k_all = jax.lax.dynamic_index_in_dim(cache.k, layer, axis=0, keepdims=False)
             v_all = jax.lax.dynamic_index_in_dim(cache.v, layer, axis=0, keepdims=False)
             out = attention(q, k_all, v_all, q_offset_b=q_offset_b, causal=True, sliding_window=cfg.sliding_window,
@@ -133,16 +135,17 @@ class Attention(nn.Module):
 
 
 def _write_cache(cache: jax.Array, new_btkd: jax.Array, layer: jax.Array, offset_b: jax.Array,
-                 heads_major: bool) -> jax.Array:
-    """cache[layer, b, offset_b[b] : offset_b[b] + T] = new[b] for every row b (one in-place scatter;
-    the sequence axis comes after the kv-heads axis when `heads_major`)."""
+                 layout: str) -> jax.Array:
+    """Write new[b] at cache positions offset_b[b] ... of every row b of one layer (one in-place
+    scatter). `layout` names the per-layer axes after [layers]: bskd, bksd or bkds (s: position)."""
     batch, length = new_btkd.shape[:2]
     rows_b1 = jnp.arange(batch)[:, None]
     cols_bt = offset_b[:, None] + jnp.arange(length)[None, :]
-    new_btkd = new_btkd.astype(cache.dtype)
-    if heads_major:  # advanced indices around a slice: the update keeps its [B, T, KV, D] order
-        return cache.at[layer, rows_b1, :, cols_bt].set(new_btkd)
-    return cache.at[layer, rows_b1, cols_bt].set(new_btkd)
+    # Advanced indices (rows, cols) split by slices put their [B, T] axes first, so the update keeps
+    # its [B, T, KV, D] order in every layout.
+    index = {"bskd": (rows_b1, cols_bt), "bksd": (rows_b1, slice(None), cols_bt),
+             "bkds": (rows_b1, slice(None), slice(None), cols_bt)}[layout]
+    return cache.at[(layer, *index)].set(new_btkd.astype(cache.dtype))
 
 
 class MLP(nn.Module):

@@ -15,6 +15,7 @@ it flat).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -104,15 +105,8 @@ def llama_cpp_greedy(directory: str, prompt: list[int], new_tokens: int) -> Call
     llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens, n_batch=len(prompt), type_k=f32,
                           type_v=f32, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
 
-    def run() -> list[int]:
-        out = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            out.append(token)
-            if len(out) == new_tokens:
-                return out
-        return out
-
-    return run
+    # llm.generate yields tokens without end (it does not stop at EOS); take exactly new_tokens.
+    return lambda: list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, reset=True), new_tokens))
 
 
 def bench_decode(hf, cfg, params, directory: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from phi3jax.generate import generate
+from phi3jax.generate import generate, inference_params
 
 # The module itself (the package's `phi3jax.generate` attribute is the function).
 generate_module = importlib.import_module("phi3jax.generate")
@@ -121,7 +121,8 @@ class ChatSession:
 
     def __init__(self, params: Any, cfg: Any, tokenizer: Any, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chunk_size: int = 8):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        # Converted once for the whole conversation, not on every turn (see `inference_params`).
+        self.params, self.cfg, self.tokenizer = inference_params(params, cfg), cfg, tokenizer
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -209,6 +210,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise ValueError("--system needs --chat")
     cfg, params, tok = load_model(args)
+    params = inference_params(params, cfg, donate=True)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         ids = [tok.encode(tok.apply_chat_template([*system, {"role": "user", "content": p}])) for p in prompts]
@@ -269,6 +271,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from phi3jax.cli import load_model
 
     cfg, params, tok = load_model(args)
+    params = inference_params(params, cfg, donate=True)  # the stacked copy is freed as it is split
     session = ChatSession(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           chunk_size=args.chunk_size)

@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi3jax.config import Phi3Config
-from phi3jax.model import KVCache, Params, Phi3, check_tokens, kv_cache_heads_major, unstack_layers
+from phi3jax.model import (
+    KVCache,
+    Params,
+    Phi3,
+    check_tokens,
+    inference_layout,
+    is_inference_layout,
+    kv_cache_heads_major,
+)
 from phi3jax.rope import use_long_factors
 
 
@@ -94,6 +102,21 @@ def init_cache(cfg: Phi3Config, batch: int, max_len: int) -> KVCache:
     else:
         k_shape = v_shape = (layers, batch, max_len, kv, hd)
     return KVCache(jnp.zeros(k_shape, cfg.dtype), jnp.zeros(v_shape, cfg.dtype))
+
+
+def inference_params(params: Params, cfg: Phi3Config, donate: bool = False) -> Params:
+    """The parameters `generate` runs fastest from on this backend; make them once, at load time.
+
+    On CPU that is the per-layer inference layout (`phi3jax.model.inference_layout`): decoding
+    is bandwidth-bound and XLA on CPU would otherwise copy weights on every step. `generate`
+    given the stacked (training) tree makes this layout itself on every call, which costs a copy
+    of the weights per call (per chat turn). Elsewhere (TPU, GPU) the stacked tree is returned as
+    is. donate=True frees the stacked arrays as they are split (the caller's `params` must not be
+    used afterwards), so converting costs one module's share of memory instead of a second copy.
+    """
+    if jax.default_backend() == "cpu":
+        return inference_layout(params, cfg, donate=donate)
+    return params
 
 
 def _accept(state: DecodeState, logits_bv: jax.Array, cache: KVCache, sampling: SamplingParams,
@@ -195,6 +218,8 @@ def generate(params: Params, cfg: Phi3Config, prompt_tokens: Any, max_new_tokens
              chunk_size: int = 32, bucket: int = 64) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
+    params: the stacked tree `load_hf` / `init_params` give, or, for repeated calls on CPU, the
+    tree `inference_params` made once from it (otherwise each call converts it again).
     prompt_tokens: a list of token-id lists (any lengths) or an int [B, T] array.
     stop_tokens: ids that end a row (default: the config's eos ids); the stop token is
     included in the output. callback: called after each chunk of decode steps with the new
@@ -224,12 +249,8 @@ def generate(params: Params, cfg: Phi3Config, prompt_tokens: Any, max_new_tokens
     for row, p in enumerate(prompts):
         buffer[row, : len(p)] = p
     max_new = jnp.asarray(max_new_tokens, jnp.int32)
-    # XLA on CPU copies a layer's weights out of the stacked arrays before each matmul (TPU and
-    # GPU read them in place); decoding is bandwidth-bound, so on CPU we loop over per-layer
-    # copies of the weights instead, made once per call.
-    unrolled = jax.default_backend() == "cpu"
-    if unrolled:
-        params = unstack_layers(params, cfg.num_hidden_layers)
+    params = inference_params(params, cfg)  # free when the caller already holds them (see there)
+    unrolled = is_inference_layout(params)
     static = dict(sampling=sampling, pad_id=pad_id, unrolled=unrolled)
 
     state = _prefill(params, cfg, jnp.asarray(buffer), jnp.asarray(lengths), jax.random.key(seed), stop_ids,

@@ -83,19 +83,33 @@ class RMSNorm(nn.Module):
         return x32.astype(x_btd.dtype) * scale.astype(x_btd.dtype)
 
 
-def _project(x_btd: jax.Array, weights: tuple[jax.Array, ...]) -> list[jax.Array]:
-    """x @ w for weights [D, ...] of one shape, as one matmul over the weights stacked on a new axis.
+def _project(x_btd: jax.Array, stacked: jax.Array) -> list[jax.Array]:
+    """x @ w for each weight w of `stacked` [D, n, ...] (weights of one shape on a new axis 1), as one matmul.
 
     One large matmul runs faster than several small ones (q/k/v, gate/up: ~6% of a CPU forward),
     and the new axis is unsharded, so each weight keeps its heads/mlp sharding.
     """
-    stacked = jnp.stack([w.astype(x_btd.dtype) for w in weights], axis=1)
-    out = jnp.einsum("btd,ds...->bts...", x_btd, stacked)
-    return [out[:, :, i] for i in range(len(weights))]
+    out = jnp.einsum("btd,ds...->bts...", x_btd, stacked.astype(x_btd.dtype))
+    return [out[:, :, i] for i in range(stacked.shape[1])]
+
+
+def _stacked(*weights: jax.Array) -> jax.Array:
+    return jnp.stack(weights, axis=1)
+
+
+def fused_weights(cfg: Phi3Config) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """The weights the inference layout (`Phi3(unrolled=True)`) keeps pre-stacked on axis 1, per module:
+    (fused name, the weights it stacks). q/k/v together when every head has its own k/v, else k/v."""
+    attn = ("qkv", ("q", "k", "v")) if cfg.num_attention_heads == cfg.num_key_value_heads else ("kv", ("k", "v"))
+    return {"attn": (attn,), "mlp": (("gate_up", ("gate", "up")),)}
 
 
 class Attention(nn.Module):
+    """Self-attention. `fused=True` declares q/k/v as one stacked weight `qkv` [embed, 3, heads,
+    head_dim] (q [embed, heads, head_dim] and `kv` [embed, 2, kv_heads, head_dim] with GQA); see `Phi3`."""
+
     cfg: Phi3Config
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None,
@@ -104,15 +118,22 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dt = x_btd.dtype
-        w_q = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), _normal(cfg))
-        w_k = _param(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
-        w_v = _param(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
-        w_o = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), _normal(cfg))
-
-        if h == kv:
-            q, k, v = _project(x_btd, (w_q, w_k, w_v))
+        if self.fused and h == kv:
+            q, k, v = _project(x_btd, _param(self, "qkv", (d, 3, h, hd), ("embed", None, "heads", "head_dim"),
+                                             _normal(cfg)))
+        elif self.fused:
+            w_q = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), _normal(cfg))
+            (q,), (k, v) = _project(x_btd, w_q[:, None]), _project(x_btd, _param(
+                self, "kv", (d, 2, kv, hd), ("embed", None, "kv_heads", "head_dim"), _normal(cfg)))
         else:
-            (q,), (k, v) = _project(x_btd, (w_q,)), _project(x_btd, (w_k, w_v))
+            w_q = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), _normal(cfg))
+            w_k = _param(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
+            w_v = _param(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
+            if h == kv:
+                q, k, v = _project(x_btd, _stacked(w_q, w_k, w_v))
+            else:
+                (q,), (k, v) = _project(x_btd, w_q[:, None]), _project(x_btd, _stacked(w_k, w_v))
+        w_o = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), _normal(cfg))
         q = nn.with_logical_constraint(rope.apply_rope(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, "head_dim"))
         k = nn.with_logical_constraint(rope.apply_rope(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
         v = nn.with_logical_constraint(v, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
@@ -149,17 +170,23 @@ def _write_cache(cache: jax.Array, new_btkd: jax.Array, layer: jax.Array, offset
 
 
 class MLP(nn.Module):
+    """down(up * silu(gate)). `fused=True` declares gate and up as one stacked weight `gate_up` [embed, 2, mlp]."""
+
     cfg: Phi3Config
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
         d, i = cfg.hidden_size, cfg.intermediate_size
         dt = x_btd.dtype
-        w_gate = _param(self, "gate", (d, i), ("embed", "mlp"), _normal(cfg))
-        w_up = _param(self, "up", (d, i), ("embed", "mlp"), _normal(cfg))
+        if self.fused:
+            gate_up = _param(self, "gate_up", (d, 2, i), ("embed", None, "mlp"), _normal(cfg))
+        else:
+            gate_up = _stacked(_param(self, "gate", (d, i), ("embed", "mlp"), _normal(cfg)),
+                               _param(self, "up", (d, i), ("embed", "mlp"), _normal(cfg)))
         w_down = _param(self, "down", (i, d), ("mlp", "embed"), _normal(cfg))
-        gate, up = _project(x_btd, (w_gate, w_up))
+        gate, up = _project(x_btd, gate_up)
         hidden = nn.with_logical_constraint(up * nn.silu(gate), (BATCH, LENGTH, ACT_MLP))
         y = jnp.einsum("btf,fd->btd", hidden, w_down.astype(dt))
         return nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_EMBED))
@@ -169,15 +196,16 @@ class DecoderLayer(nn.Module):
     """One pre-norm block. Called by `nn.scan`: (carry, layer index, broadcast args...)."""
 
     cfg: Phi3Config
+    fused: bool = False
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, KVCache | None], layer: jax.Array, cos: jax.Array,
                  sin: jax.Array, segment_ids_bt: jax.Array | None, q_offset_b: jax.Array | None):
         x, cache = carry
-        attn_out, cache = Attention(self.cfg, name="attn")(
+        attn_out, cache = Attention(self.cfg, self.fused, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids_bt, cache, layer, q_offset_b)
         x = x + attn_out
-        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        x = x + MLP(self.cfg, self.fused, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         return (nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED)), cache), None
 
 
@@ -192,10 +220,12 @@ _REMAT_POLICIES = {
 class Phi3(nn.Module):
     """Phi3ForCausalLM. Returns (float32 logits, updated cache or None).
 
-    `unrolled=True` runs the layers as a Python loop over per-layer parameters `layers_0`,
-    `layers_1`, ... (see `unstack_layers`) instead of one `nn.scan` over the stacked `layers`:
-    XLA on CPU copies each layer's weights out of a stacked array before every matmul, which
-    doubles the memory traffic of bandwidth-bound decoding; generation uses it there.
+    `unrolled=True` takes the inference layout (see `inference_layout`): the layers run as a Python
+    loop over per-layer parameters `layers_0`, `layers_1`, ... instead of one `nn.scan` over the
+    stacked `layers`, with q/k/v and gate/up stored pre-stacked (`fused_weights`). XLA on CPU copies
+    each layer's weights out of a stacked array before every matmul, which doubles the memory
+    traffic of bandwidth-bound decoding, and it would hoist the q/k/v and gate/up stacking out of
+    the decode loop as copies (~70% of the layers' weights again); CPU generation uses this layout.
     """
 
     cfg: Phi3Config
@@ -220,7 +250,7 @@ class Phi3(nn.Module):
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         if self.unrolled:
             for i in range(cfg.num_hidden_layers):
-                (x, cache), _ = layer_cls(cfg, name=f"layers_{i}")(
+                (x, cache), _ = layer_cls(cfg, fused=True, name=f"layers_{i}")(
                     (x, cache), jnp.int32(i), cos, sin, segment_ids_bt, q_offset_b)
         else:
             # The explicit name keeps parameter paths identical with remat on or off.
@@ -267,12 +297,46 @@ def param_logical_axes(cfg: Phi3Config) -> Params:
     return nn.get_partition_spec(boxed)
 
 
+def is_inference_layout(params: Params) -> bool:
+    """True for the per-layer tree `Phi3(cfg, unrolled=True)` takes, False for the stacked (training) tree."""
+    return "layers" not in params and "layers_0" in params
+
+
 @functools.partial(jax.jit, static_argnums=1)
-def unstack_layers(params: Params, num_layers: int) -> Params:
-    """The parameter tree `Phi3(cfg, unrolled=True)` takes: `layers` split into `layers_0`, ..."""
+def _split_layers(stacked: tuple[jax.Array, ...], num_layers: int) -> list[jax.Array]:
+    """Leaves [L, ...] -> one array per layer: the leaf's slice, or the leaves' slices stacked on axis 1."""
+    if len(stacked) == 1:
+        return [stacked[0][i] for i in range(num_layers)]
+    return [_stacked(*(x[i] for x in stacked)) for i in range(num_layers)]
+
+
+def inference_layout(params: Params, cfg: Phi3Config, donate: bool = False) -> Params:
+    """The tree `Phi3(cfg, unrolled=True)` takes: `layers` split into `layers_0`, `layers_1`, ...,
+    with q/k/v (k/v under GQA) and gate/up stacked as `fused_weights(cfg)` names them.
+
+    donate=True deletes the stacked arrays of `params` as soon as their layers are split, a weight
+    (or a fused group, e.g. gate and up) at a time, so the conversion's peak is the weights plus
+    that group instead of twice the weights.
+    """
+    if is_inference_layout(params):
+        return params
+    num_layers = cfg.num_hidden_layers
+    layers: list[dict[str, dict[str, jax.Array]]] = [{} for _ in range(num_layers)]
+    for module, group in params["layers"].items():
+        fused = dict(fused_weights(cfg).get(module, ()))
+        in_fused = {part for parts in fused.values() for part in parts}
+        units = [*fused.items(), *((name, (name,)) for name in group if name not in in_fused)]
+        for name, parts in units:
+            split = _split_layers(tuple(group[p] for p in parts), num_layers)
+            for i in range(num_layers):
+                layers[i].setdefault(module, {})[name] = split[i]
+            if donate:
+                jax.block_until_ready(split)
+                for leaf in (group[p] for p in parts):
+                    if isinstance(leaf, jax.Array):
+                        leaf.delete()
     out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    out.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
     return out
 
 

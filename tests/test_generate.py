@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from phi3jax import generate, load_hf
-from tests.conftest import longrope_parameters, make_hf_model
+from phi3jax.config import Phi3Config
+from phi3jax.generate import inference_params
+from phi3jax.model import abstract_params, count_params, inference_layout, is_inference_layout
+from tests.conftest import BASE_HF_CONFIG, longrope_parameters, make_hf_model
 
 EOS = 2
 
@@ -119,3 +126,38 @@ def test_bad_generate_arguments_are_clear_errors(tiny):
         generate(params, cfg, [[1, 600]], max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p"):
         generate(params, cfg, [[1, 2]], max_new_tokens=4, temperature=1.0, top_p=0.0)
+
+
+def test_inference_params_made_once_match_hf_and_free_the_stacked_copy(longrope_model):
+    """GQA (k/v fused, q apart) through the LongRoPE re-prefill, from params converted once with donation."""
+    hf, cfg, params = longrope_model
+    stacked = jax.tree.map(jnp.copy, params)
+    prepared = inference_params(stacked, cfg, donate=True)
+    if jax.default_backend() == "cpu":
+        assert is_inference_layout(prepared) and "kv" in prepared["layers_0"]["attn"]
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(stacked["layers"]))
+        assert count_params(prepared) == count_params(params)  # no weight kept twice
+    prompts = [np.random.RandomState(4).randint(3, cfg.vocab_size, n).tolist() for n in (40, 21)]  # no early EOS
+    np.testing.assert_array_equal(generate(prepared, cfg, prompts, max_new_tokens=36, stop_tokens=[EOS]).tokens,
+                                  hf_greedy(hf, prompts, 36))
+    assert inference_params(prepared, cfg) is prepared  # converting twice is free
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_decode_program_keeps_no_second_copy_of_the_weights(kv_heads):
+    """XLA hoists loop-invariant work out of the decode loop: stacking q/k/v and gate/up inside it would
+    become a copy of ~70% of the layer weights. The inference layout stores them stacked, so the decode
+    program's scratch memory stays a small fraction of the weights (compiled, not run: any size is cheap)."""
+    cfg = Phi3Config.from_hf(dict(BASE_HF_CONFIG, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                                  num_key_value_heads=kv_heads))
+    prepared = jax.eval_shape(lambda p: inference_layout(p, cfg), abstract_params(cfg))
+    layer_bytes = sum(x.size * x.dtype.itemsize for k, v in prepared.items() if k.startswith("layers_")
+                      for x in jax.tree.leaves(v))
+    gen = importlib.import_module("phi3jax.generate")
+    static = dict(sampling=gen.SamplingParams(), pad_id=0, unrolled=True)
+    state = jax.eval_shape(lambda p: gen._prefill(p, cfg, jnp.zeros((1, 128), jnp.int32), jnp.array([32]),
+                                                  jax.random.key(0), jnp.array([EOS]), jnp.int32(64),
+                                                  prompt_width=64, **static), prepared)
+    compiled = gen._decode_chunk.lower(prepared, cfg, state, jnp.array([EOS]), jnp.int32(64), jnp.int32(64),
+                                       **static).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * layer_bytes

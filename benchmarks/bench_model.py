@@ -37,6 +37,7 @@ from _measure import interleaved_medians, matmul_gflops, timeit  # noqa: E402
 from phi3jax import forward, generate, load_hf  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
 from phi3jax.convert.gguf import to_gguf  # noqa: E402
+from phi3jax.generate import inference_params  # noqa: E402
 from phi3jax.model import _forward, init_params  # noqa: E402
 
 try:
@@ -119,6 +120,7 @@ def bench_decode(hf, cfg, params, directory: str, prompt_len: int, new_tokens: i
                                pad_token_id=cfg.pad_token_id)
 
     hf_tokens = hf_run()[0, prompt_len:].numpy()
+    params = inference_params(params, cfg)  # made once, as `phi3jax generate` / `chat` do at load
 
     def ours_run():
         return generate(params, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=[], chunk_size=new_tokens)

@@ -112,7 +112,8 @@ def inference_params(params: Params, cfg: Phi3Config, donate: bool = False) -> P
     given the stacked (training) tree makes this layout itself on every call, which costs a copy
     of the weights per call (per chat turn). Elsewhere (TPU, GPU) the stacked tree is returned as
     is. donate=True frees the stacked arrays as they are split (the caller's `params` must not be
-    used afterwards), so converting costs one module's share of memory instead of a second copy.
+    used afterwards), so converting costs one weight group's share of memory (gate and up, the
+    largest) instead of a second copy of the weights.
     """
     if jax.default_backend() == "cpu":
         return inference_layout(params, cfg, donate=donate)

@@ -97,15 +97,27 @@ def _stacked(*weights: jax.Array) -> jax.Array:
     return jnp.stack(weights, axis=1)
 
 
-def fused_weights(cfg: Phi3Config) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """The weights the inference layout (`Phi3(unrolled=True)`) keeps pre-stacked on axis 1, per module:
-    (fused name, the weights it stacks). q/k/v together when every head has its own k/v, else k/v."""
+def fused_weights(cfg: Phi3Config) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Per module, the weights the model runs as one matmul, stacked on a new axis 1: (the stacked
+    leaf's name in the inference layout, the weights it holds). q/k/v together when every head has
+    its own k/v, else k/v (q apart)."""
     attn = ("qkv", ("q", "k", "v")) if cfg.num_attention_heads == cfg.num_key_value_heads else ("kv", ("k", "v"))
-    return {"attn": (attn,), "mlp": (("gate_up", ("gate", "up")),)}
+    return {"attn": attn, "mlp": ("gate_up", ("gate", "up"))}
+
+
+def _stacked_param(module: nn.Module, fused: bool, name: str, parts: tuple[str, ...],
+                   specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]]) -> jax.Array:
+    """The weights `parts` (shape and logical names in `specs`) stacked on a new axis 1: declared as
+    one leaf `name` when `fused` (the inference layout), else declared apart and stacked here."""
+    if fused:
+        shape, names = specs[parts[0]]
+        return _param(module, name, (shape[0], len(parts), *shape[1:]), (names[0], None, *names[1:]),
+                      _normal(module.cfg))
+    return _stacked(*(_param(module, part, *specs[part], _normal(module.cfg)) for part in parts))
 
 
 class Attention(nn.Module):
-    """Self-attention. `fused=True` declares q/k/v as one stacked weight `qkv` [embed, 3, heads,
+    """Self-attention. `fused=True` takes q/k/v as one stacked weight `qkv` [embed, 3, heads,
     head_dim] (q [embed, heads, head_dim] and `kv` [embed, 2, kv_heads, head_dim] with GQA); see `Phi3`."""
 
     cfg: Phi3Config
@@ -118,21 +130,15 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dt = x_btd.dtype
-        if self.fused and h == kv:
-            q, k, v = _project(x_btd, _param(self, "qkv", (d, 3, h, hd), ("embed", None, "heads", "head_dim"),
-                                             _normal(cfg)))
-        elif self.fused:
-            w_q = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), _normal(cfg))
-            (q,), (k, v) = _project(x_btd, w_q[:, None]), _project(x_btd, _param(
-                self, "kv", (d, 2, kv, hd), ("embed", None, "kv_heads", "head_dim"), _normal(cfg)))
+        kv_spec = ((d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        specs = {"q": ((d, h, hd), ("embed", "heads", "head_dim")), "k": kv_spec, "v": kv_spec}
+        name, parts = fused_weights(cfg)["attn"]
+        w_q = None if "q" in parts else _param(self, "q", *specs["q"], _normal(cfg))
+        stacked = _stacked_param(self, self.fused, name, parts, specs)
+        if w_q is None:
+            q, k, v = _project(x_btd, stacked)
         else:
-            w_q = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), _normal(cfg))
-            w_k = _param(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
-            w_v = _param(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), _normal(cfg))
-            if h == kv:
-                q, k, v = _project(x_btd, _stacked(w_q, w_k, w_v))
-            else:
-                (q,), (k, v) = _project(x_btd, w_q[:, None]), _project(x_btd, _stacked(w_k, w_v))
+            (q,), (k, v) = _project(x_btd, w_q[:, None]), _project(x_btd, stacked)
         w_o = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), _normal(cfg))
         q = nn.with_logical_constraint(rope.apply_rope(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, "head_dim"))
         k = nn.with_logical_constraint(rope.apply_rope(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
@@ -180,11 +186,8 @@ class MLP(nn.Module):
         cfg = self.cfg
         d, i = cfg.hidden_size, cfg.intermediate_size
         dt = x_btd.dtype
-        if self.fused:
-            gate_up = _param(self, "gate_up", (d, 2, i), ("embed", None, "mlp"), _normal(cfg))
-        else:
-            gate_up = _stacked(_param(self, "gate", (d, i), ("embed", "mlp"), _normal(cfg)),
-                               _param(self, "up", (d, i), ("embed", "mlp"), _normal(cfg)))
+        name, parts = fused_weights(cfg)["mlp"]
+        gate_up = _stacked_param(self, self.fused, name, parts, dict.fromkeys(parts, ((d, i), ("embed", "mlp"))))
         w_down = _param(self, "down", (i, d), ("mlp", "embed"), _normal(cfg))
         gate, up = _project(x_btd, gate_up)
         hidden = nn.with_logical_constraint(up * nn.silu(gate), (BATCH, LENGTH, ACT_MLP))
@@ -322,11 +325,11 @@ def inference_layout(params: Params, cfg: Phi3Config, donate: bool = False) -> P
         return params
     num_layers = cfg.num_hidden_layers
     layers: list[dict[str, dict[str, jax.Array]]] = [{} for _ in range(num_layers)]
+    fused = fused_weights(cfg)
     for module, group in params["layers"].items():
-        fused = dict(fused_weights(cfg).get(module, ()))
-        in_fused = {part for parts in fused.values() for part in parts}
-        units = [*fused.items(), *((name, (name,)) for name in group if name not in in_fused)]
-        for name, parts in units:
+        stacked_name, stacked = fused.get(module, ("", ()))
+        units = [(stacked_name, stacked)] if stacked else []
+        for name, parts in units + [(name, (name,)) for name in group if name not in stacked]:
             split = _split_layers(tuple(group[p] for p in parts), num_layers)
             for i in range(num_layers):
                 layers[i].setdefault(module, {})[name] = split[i]

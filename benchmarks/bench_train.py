@@ -32,6 +32,7 @@ import transformers  # noqa: E402
 from _measure import interleaved_medians, matmul_gflops  # noqa: E402
 
 from phi3jax import load_hf  # noqa: E402
+from phi3jax.host_memory import reexec_with_memory_reuse  # noqa: E402
 from phi3jax.train.metrics import train_flops_per_token  # noqa: E402
 from phi3jax.train.step import OptimConfig, init_train_state, make_optimizer, train_step  # noqa: E402
 
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    reexec_with_memory_reuse()  # as train.py and `phi3jax generate` do; both engines share the process
     config = QUICK if args.quick else CONFIG
     b, t = args.batch, args.seq_len
 

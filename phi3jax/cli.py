@@ -20,6 +20,9 @@ COMMANDS = (
     "phi3jax.convert.cli:add_cli",
     "phi3jax.plan:add_cli",
 )
+# Subcommands that run the model on this machine: on a CPU host they reuse freed memory
+# (phi3jax.host_memory). convert and plan only move or compile weights and keep glibc's defaults.
+RUNS_MODEL = ("generate", "chat", "eval")
 
 
 def add_model_source(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in RUNS_MODEL:  # run as a program, not called from Python with arguments
+        from phi3jax.host_memory import reexec_with_memory_reuse
+
+        reexec_with_memory_reuse()  # may start this command over, before JAX's runtime starts
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

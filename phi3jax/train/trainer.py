@@ -33,6 +33,7 @@ import numpy as np
 from phi3jax import data as data_lib
 from phi3jax import sharding as sharding_lib
 from phi3jax.config import Phi3Config
+from phi3jax.host_memory import reexec_with_memory_reuse
 from phi3jax.tokenizer import Tokenizer
 from phi3jax.train import baselines
 from phi3jax.train import checkpoint as ckpt
@@ -481,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # run as a program, not called from Python with arguments
+        reexec_with_memory_reuse()  # may start this command over, before JAX's runtime starts
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

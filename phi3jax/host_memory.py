@@ -80,7 +80,12 @@ def reexec_with_memory_reuse() -> None:
     bridge = sys.modules.get("jax._src.xla_bridge")
     if bridge is not None and bridge.backends_are_initialized():
         return  # JAX's runtime holds state already: starting over would lose it
+    if not sys.executable or not sys.orig_argv:
+        return  # an embedded interpreter: no command to start over
     env = {**os.environ, "GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES", ""))}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError:
+        return  # could not start over: carry on with glibc's defaults

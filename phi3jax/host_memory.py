@@ -14,7 +14,7 @@ merging, and let the heap grow by one block per call). The cost: the process kee
 memory until it exits, as a caching allocator would.
 
 glibc reads its tunables only when a process starts, so `reexec_with_memory_reuse()` runs the
-command again, in place (`os.execv`, same process id), with `GLIBC_TUNABLES` set. The entry points
+command again, in place (`os.execve`, same process id), with `GLIBC_TUNABLES` set. The entry points
 (`train.py`, `phi3jax generate | chat | eval`) call it first, before JAX's runtime starts. It does
 nothing where a GPU or TPU is attached (unless `JAX_PLATFORMS=cpu`), where the C library is not
 glibc, or when `PHI3JAX_HOST_MEMORY=release` is set.

@@ -106,3 +106,11 @@ def test_accelerator_or_opt_out_keeps_defaults(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv(host_memory.ENV, "release")
     assert host_memory.ENV in host_memory.why_not_reuse()
+
+
+def test_cli_names_only_real_subcommands():
+    # A renamed subcommand would silently lose the reuse; the dispatcher's list must match its commands.
+    from phi3jax import cli
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert set(cli.RUNS_MODEL) <= set(commands), (cli.RUNS_MODEL, sorted(commands))

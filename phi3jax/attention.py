@@ -90,8 +90,11 @@ def xla_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *,
 # flash-attention style (recomputes probabilities from the saved log-sum-exp instead of keeping
 # [T, S] probabilities) and runs over all pairs at once in larger query tiles: its five matmuls per
 # tile are big enough to thread well, and the per-pair loop's many small ops cost more than the
-# cache misses (~5% of a CPU training step at 4 x 512 tokens, 8 heads of 64). Same math, same mask.
+# cache misses (~5% of a CPU training step at 4 x 512 tokens, 8 heads of 64). Long sequences take
+# the pairs in groups (a `lax.map`), so one tile's float32 scores stay under _BACKWARD_TILE_BYTES.
+# Same math, same mask.
 _TILE_Q, _BACKWARD_TILE_Q, _MAX_TILES = 128, 256, 16
+_BACKWARD_TILE_BYTES = 32 * 2**20
 
 
 def _single_cpu_device() -> bool:
@@ -201,7 +204,16 @@ def _tiled_backward(sliding_window, residuals, d_out_bthd):
     b, t, h, d = q_bthd.shape
     kv = k_bskd.shape[2]
     d_out = d_out_bthd.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(q.shape)
-    d_q, d_k, d_v = _tiles_backward(q, k, v, seg, out, lse, d_out, sliding_window)
+    pair_tile_bytes = 4 * q.shape[1] * max(_BACKWARD_TILE_Q, -(-t // _MAX_TILES)) * t  # one pair's scores
+    n_pairs, most = q.shape[0], max(1, _BACKWARD_TILE_BYTES // pair_tile_bytes)
+    group = max(g for g in range(1, min(n_pairs, most) + 1) if n_pairs % g == 0)
+    args = (q, k, v, seg, out, lse, d_out)
+    if group == n_pairs:
+        d_q, d_k, d_v = _tiles_backward(*args, sliding_window)
+    else:
+        grouped = jax.tree.map(lambda x: x.reshape(n_pairs // group, group, *x.shape[1:]), args)
+        d_q, d_k, d_v = jax.lax.map(lambda a: _tiles_backward(*a, sliding_window), grouped)
+        d_q, d_k, d_v = (x.reshape(n_pairs, *x.shape[2:]) for x in (d_q, d_k, d_v))
     d_q = _from_pairs(d_q * d ** -0.5, q_bthd.shape).astype(q_bthd.dtype)
     d_k, d_v = (x.reshape(b, kv, t, d).transpose(0, 2, 1, 3).astype(k_bskd.dtype) for x in (d_k, d_v))
     return d_q, d_k, d_v, None

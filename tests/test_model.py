@@ -199,19 +199,22 @@ def test_compiled_program_does_not_grow_with_depth():
     assert sizes[32] < 1.1 * sizes[4], sizes
 
 
-@pytest.mark.parametrize("cpu_tiles", [True, False], ids=["cpu-tiles", "batched"])
+@pytest.mark.parametrize("cpu_tiles", [True, "pair-groups", False], ids=["cpu-tiles", "cpu-tiles-grouped", "batched"])
 @pytest.mark.parametrize("t", [33, 300])
 def test_xla_attention_gradients_equal_autodiff_of_the_plain_formula(monkeypatch, cpu_tiles, t):
     """Both XLA schedules (per-pair tiles on one CPU device; batched query blocks elsewhere) and their
     hand-written backwards (flash-attention form) against jax.grad of softmax(QK^T)V, with GQA, a
-    sliding window and two packed segments; 300 tokens span several tiles and blocks.
-    float32: agreement to 1e-5 (sums of ~300 terms of O(1) values)."""
+    sliding window and two packed segments; 300 tokens span several tiles and blocks. "pair-groups":
+    the CPU backward with a score budget so small that it takes the (batch, kv head) pairs one group
+    at a time, as it does for long sequences. float32: agreement to 1e-5 (sums of ~300 terms of O(1) values)."""
     import jax
     import jax.numpy as jnp
 
     from phi3jax import attention as A
 
-    monkeypatch.setattr(A, "_single_cpu_device", lambda: cpu_tiles)
+    monkeypatch.setattr(A, "_single_cpu_device", lambda: bool(cpu_tiles))
+    if cpu_tiles == "pair-groups":
+        monkeypatch.setattr(A, "_BACKWARD_TILE_BYTES", 1)
     rs = np.random.RandomState(0)
     b, h, kv, d, window = 2, 8, 2, 16, (7 if t < 100 else 150)
     q, k, v, w = (jnp.asarray(rs.randn(*shape), jnp.float32)

@@ -76,10 +76,23 @@ class GenerateOutput(NamedTuple):
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
 
 
+def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
+    """jnp.argmax over the vocabulary (first maximum; first NaN if any), as two plain reductions.
+
+    XLA on CPU compiles argmax to a variadic (value, index) reduction that runs ~7x slower than
+    a max followed by a min over the matching indices (142 us against 22 us for one row of 32064
+    logits; ~1.5% of a decode step of the benchmark model).
+    """
+    top = jnp.max(logits_bv, axis=-1, keepdims=True)
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, logits_bv.ndim - 1)
+    hits = (logits_bv == top) | jnp.isnan(logits_bv)
+    return jnp.min(jnp.where(hits, ids, logits_bv.shape[-1]), axis=-1)
+
+
 def sample_logits(logits_bv: jax.Array, rng: jax.Array, sampling: SamplingParams) -> jax.Array:
     """Next token ids [B] from float32 logits [B, V]."""
     if sampling.temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits_bv)
     logits = logits_bv / sampling.temperature
     if sampling.top_k > 0:
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]

@@ -12,7 +12,7 @@ import torch
 
 from phi3jax import generate, load_hf
 from phi3jax.config import Phi3Config
-from phi3jax.generate import inference_params
+from phi3jax.generate import greedy_tokens, inference_params
 from phi3jax.model import abstract_params, count_params, inference_layout, is_inference_layout
 from tests.conftest import BASE_HF_CONFIG, longrope_parameters, make_hf_model
 
@@ -99,6 +99,20 @@ def test_streaming_callback_sees_every_token_once_in_order(tiny):
 
     out = generate(params, cfg, [[5, 6, 7], [9]], max_new_tokens=20, stop_tokens=[], chunk_size=3, callback=callback)
     assert seen == out.to_lists()
+
+
+def test_greedy_tokens_equal_argmax_with_ties_infinities_and_nans():
+    """Exact (integer) agreement with numpy's argmax: the first maximum on ties, -inf rows, and the
+    first NaN where a row has one (argmax's rule), on rows as long as Phi-3's vocabulary."""
+    rows = np.random.default_rng(0).standard_normal((6, 32064)).astype(np.float32)
+    rows[1, [7, 300, 31000]] = 50.0  # a three-way tie: the first wins
+    rows[2] = -np.inf
+    rows[3, [5, 9000]] = np.nan
+    rows[4, 12] = np.inf
+    rows[5] = rows[5].round(0)  # many equal values below a tied maximum
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(rows)))
+    np.testing.assert_array_equal(got, np.argmax(rows, axis=-1))
+    assert got.dtype == np.int32
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):

@@ -204,7 +204,8 @@ def _tiled_backward(sliding_window, residuals, d_out_bthd):
     b, t, h, d = q_bthd.shape
     kv = k_bskd.shape[2]
     d_out = d_out_bthd.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(q.shape)
-    pair_tile_bytes = 4 * q.shape[1] * max(_BACKWARD_TILE_Q, -(-t // _MAX_TILES)) * t  # one pair's scores
+    tiles = _query_tiles(t, sliding_window, _BACKWARD_TILE_Q)
+    pair_tile_bytes = 4 * q.shape[1] * max((end - start) * (end - lo) for start, end, lo in tiles)  # float32 scores
     n_pairs, most = q.shape[0], max(1, _BACKWARD_TILE_BYTES // pair_tile_bytes)
     group = max(g for g in range(1, min(n_pairs, most) + 1) if n_pairs % g == 0)
     args = (q, k, v, seg, out, lse, d_out)

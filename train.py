@@ -5,7 +5,7 @@ With no arguments it trains the tiny model on CPython's documentation on CPU (se
 
 import sys
 
-from phi3jax.train import main
+from phi3jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from phi3jax.config import Phi3Config
-from phi3jax.model import Params, forward
+from phi3jax.model import Params, logits_fn
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ def _score_batch(params: Params, cfg: Phi3Config, tokens_bt: jax.Array, lengths_
     """log p(qtok | tokens[:qpos + 1]) and whether qtok is the argmax, both [B, Q]."""
     batch, length = tokens_bt.shape
     padding_mask = jnp.arange(length)[None, :] < lengths_b[:, None]
-    logits_btv = forward(params, cfg, tokens_bt, padding_mask=padding_mask)
+    logits_btv = logits_fn(params, cfg, tokens_bt, padding_mask=padding_mask)
     vocab = logits_btv.shape[-1]
     lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     best_bt = jnp.argmax(logits_btv, axis=-1)

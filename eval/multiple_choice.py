@@ -45,9 +45,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from phi3jax.eval.loglikelihood import encode_pair, loglikelihoods
+from phi3jax.eval.perplexity import EvalDataError
 
-from eval.loglikelihood import encode_pair, loglikelihoods
-from eval.perplexity import EvalDataError
 from phi3jax.config import Phi3Config
 from phi3jax.model import Params
 

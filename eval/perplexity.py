@@ -26,7 +26,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from eval.loglikelihood import Row, score_rows
+from phi3jax.eval.loglikelihood import Row, score_rows
+
 from phi3jax.config import Phi3Config
 from phi3jax.model import Params
 

@@ -1,12 +1,12 @@
 """Decode attention: one new query per row against a KV cache, rows of different lengths.
 
-q [B, H, D]; k_cache, v_cache [B, S, KV, D] (the model's cache layout, read in place);
+q [B, H, D]; k_cache, v_cache [B, KV, S, D] (the model's heads-major cache, read in place);
 lengths [B]: row b attends to cache positions [max(0, len_b - W), len_b). GQA-aware: the G
 query heads of a kv head are computed together against one read of that head's keys.
 
 TPU: grid (row, key block); the row's length is scalar-prefetched so the index map clamps
 at the row's last live block (no DMA, no compute past a row's length or before its window).
-A block holds all kv heads ([bk, KV, D], contiguous in the cache), so decoding reads exactly
+A block holds all kv heads ([KV, bk, D]: each head's keys contiguous), so decoding reads exactly
 the live prefix of the cache once.
 
 GPU: flash-decoding. Grid (row, kv head, split); each program reduces one chunk of the live
@@ -60,7 +60,7 @@ def _tpu_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, 
         if window is not None:
             mask = mask & (k_pos >= length - window)
         for h in range(kv_heads):
-            k, v = k_ref[:, h, :], v_ref[:, h, :]
+            k, v = k_ref[h], v_ref[h]
             s = jax.lax.dot_general(q_ref[h], k, NT, preferred_element_type=jnp.float32) * scale
             s = jnp.where(mask, s, -jnp.inf)
             m_prev = m_sc[h]
@@ -88,21 +88,21 @@ def default_tpu_block(kv_heads: int, head_dim: int, itemsize: int) -> int:
 
 def decode_tpu(q, k_cache, v_cache, lengths, *, window, scale, block_k=None, interpret=False):
     batch, heads, d = q.shape
-    s, kv = k_cache.shape[1], k_cache.shape[2]
+    kv, s = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv
     block = block_k or default_tpu_block(kv, d, k_cache.dtype.itemsize)
     block = min(block, round_up(s, 16))
     if s % block:  # the cache length is a bucket size in practice; pad only if it is not
-        k_cache, v_cache = pad_axis(k_cache, 1, round_up(s, block)), pad_axis(v_cache, 1, round_up(s, block))
-    num_blocks = k_cache.shape[1] // block
+        k_cache, v_cache = pad_axis(k_cache, 2, round_up(s, block)), pad_axis(v_cache, 2, round_up(s, block))
+    num_blocks = k_cache.shape[2] // block
     grid_k = num_blocks if window is None else min(num_blocks, cdiv(window, block) + 1)
 
     def kv_index(b, j, lengths_ref):
         first, last = _live_blocks(lengths_ref[b], block, window)
-        return (b, jnp.maximum(jnp.minimum(first + j, last), 0), 0, 0)
+        return (b, 0, jnp.maximum(jnp.minimum(first + j, last), 0), 0)
 
     q_spec = pl.BlockSpec((None, kv, group, d), lambda b, j, _: (b, 0, 0, 0))
-    kv_spec = pl.BlockSpec((None, block, kv, d), kv_index)
+    kv_spec = pl.BlockSpec((None, kv, block, d), kv_index)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(batch, grid_k), in_specs=[q_spec, kv_spec, kv_spec], out_specs=q_spec,
         scratch_shapes=[pltpu.VMEM((kv, group, LANES), jnp.float32), pltpu.VMEM((kv, group, LANES), jnp.float32),
@@ -162,12 +162,12 @@ def _gpu_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block: int,
 
 def decode_gpu(q, k_cache, v_cache, lengths, *, window, scale, block_k=None, num_splits=None, interpret=False):
     batch, heads, d = q.shape
-    s, kv = k_cache.shape[1], k_cache.shape[2]
+    kv, s = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv
     block = max(16, min(block_k or 64, pl.next_power_of_2(s)))
     if s % block:
-        k_cache, v_cache = pad_axis(k_cache, 1, round_up(s, block)), pad_axis(v_cache, 1, round_up(s, block))
-    num_blocks = k_cache.shape[1] // block
+        k_cache, v_cache = pad_axis(k_cache, 2, round_up(s, block)), pad_axis(v_cache, 2, round_up(s, block))
+    num_blocks = k_cache.shape[2] // block
     if num_splits is None:  # enough programs to fill ~132 SMs twice
         num_splits = max(1, min(num_blocks, cdiv(264, batch * kv), 16))
     chunk_blocks = cdiv(num_blocks, num_splits)
@@ -178,8 +178,8 @@ def decode_gpu(q, k_cache, v_cache, lengths, *, window, scale, block_k=None, num
         grid=(batch, kv, num_splits),
         in_specs=[pl.BlockSpec((None,), lambda b, h, c: (b,)),
                   pl.BlockSpec((None, None, gp, dp), lambda b, h, c: (b, h, 0, 0)),
-                  pl.BlockSpec((None, k_cache.shape[1], None, dp), lambda b, h, c: (b, 0, h, 0)),
-                  pl.BlockSpec((None, k_cache.shape[1], None, dp), lambda b, h, c: (b, 0, h, 0))],
+                  pl.BlockSpec((None, None, k_cache.shape[2], dp), lambda b, h, c: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, k_cache.shape[2], dp), lambda b, h, c: (b, h, 0, 0))],
         out_specs=[pl.BlockSpec((None, None, None, gp, dp), lambda b, h, c: (b, h, c, 0, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda b, h, c: (b, h, c, 0))],
         out_shape=[jax.ShapeDtypeStruct((batch, kv, num_splits, group, d), jnp.float32),

@@ -85,14 +85,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.A
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                      sliding_window: int | None = None, sm_scale: float | None = None, block_k: int | None = None,
                      backend: str | None = None, interpret=False) -> jax.Array:
-    """One query per row against a KV cache: q [B, H, D], caches [B, S, KV, D], lengths [B].
+    """One query per row against a heads-major KV cache: q [B, H, D], caches [B, KV, S, D], lengths [B].
 
     Row b attends to cache positions [max(0, lengths[b] - W), lengths[b]); a row of length
     0 returns zeros. Forward only (generation). Returns [B, H, D] in q's dtype.
     """
     if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"expected q [B,H,D] and caches [B,S,KV,D]; got {q.shape}, {k_cache.shape}")
-    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3] or q.shape[0] != k_cache.shape[0]:
+        raise ValueError(f"expected q [B,H,D] and caches [B,KV,S,D]; got {q.shape}, {k_cache.shape}")
+    if q.shape[1] % k_cache.shape[1] or q.shape[2] != k_cache.shape[3] or q.shape[0] != k_cache.shape[0]:
         raise ValueError(f"q {q.shape} does not fit caches {k_cache.shape}")
     backend = backend or default_backend()
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)

@@ -1,8 +1,12 @@
 """Plain-JAX references for every kernel in this package (what the tests compare against).
 
 Layouts follow the model: q [B, T, H, D], k and v [B, S, KV, D] with KV dividing H
-(consecutive query heads share a kv head). Softmax in float32; probabilities are cast to
-v's dtype before the weighted sum, as Hugging Face does.
+(consecutive query heads share a kv head); a decode cache is heads-major, [B, KV, S, D].
+Softmax in float32; probabilities are cast to v's dtype before the weighted sum, as Hugging
+Face does.
+
+The mask is defined once, here (`mask_from_indices`), and every blockwise implementation
+(the CPU schedule, ring attention) builds its blocks' masks from it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,28 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def mask_from_indices(q_idx: jax.Array, k_idx: jax.Array, *, q_segment_ids: jax.Array | None = None,
+                      kv_segment_ids: jax.Array | None = None, causal: bool = True,
+                      sliding_window: int | None = None) -> jax.Array:
+    """Boolean [B or 1, Tq, Tk]: may the query at key index q_idx[b, t] attend to key k_idx[s]?
+
+    q_idx: [B or 1, Tq] key-sequence indices of the queries; k_idx: [Tk] indices of the keys.
+    Causal: keys at or before the query. Sliding window W: also keys after q_idx - W (W keys,
+    the query's own included; Phi-3's convention). Segment ids [B, Tq] / [B, Tk]: only keys of
+    the query's own segment (packed documents; padding gets a segment of its own).
+    """
+    q_bt1, k_11s = q_idx[:, :, None], k_idx[None, None, :]
+    mask = jnp.ones((q_idx.shape[0], q_idx.shape[1], k_idx.shape[0]), dtype=bool)
+    if causal:
+        mask = mask & (k_11s <= q_bt1)
+    if sliding_window is not None:
+        mask = mask & (k_11s > q_bt1 - sliding_window)
+    if q_segment_ids is not None:
+        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = mask & (q_segment_ids[:, :, None] == kv_seg[:, None, :])
+    return mask
+
+
 def reference_mask(q_len: int, kv_len: int, *, q_offset: jax.Array | None = None,
                    q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
                    causal: bool = True, sliding_window: int | None = None) -> jax.Array:
@@ -21,17 +47,8 @@ def reference_mask(q_len: int, kv_len: int, *, q_offset: jax.Array | None = None
     q_idx = jnp.arange(q_len)[None, :]
     if q_offset is not None:
         q_idx = q_idx + jnp.asarray(q_offset)[:, None]
-    q_idx_bt1 = q_idx[:, :, None]
-    kv_idx_11s = jnp.arange(kv_len)[None, None, :]
-    mask = jnp.ones((1, q_len, kv_len), dtype=bool)
-    if causal:
-        mask = mask & (kv_idx_11s <= q_idx_bt1)
-    if sliding_window is not None:
-        mask = mask & (kv_idx_11s > q_idx_bt1 - sliding_window)
-    if q_segment_ids is not None:
-        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-        mask = mask & (q_segment_ids[:, :, None] == kv_seg[:, None, :])
-    return mask
+    return mask_from_indices(q_idx, jnp.arange(kv_len), q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
 
 
 def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Array | None = None,
@@ -53,12 +70,18 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: jax.Arr
 
 def decode_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                      sliding_window: int | None = None, sm_scale: float | None = None) -> jax.Array:
-    """Reference for `decode_attention`: one query per row against a KV cache.
+    """Reference for `decode_attention`: one query per row against a heads-major KV cache.
 
-    q [B, H, D]; k_cache, v_cache [B, S, KV, D]; lengths [B]: row b attends to cache
+    q [B, H, D]; k_cache, v_cache [B, KV, S, D]; lengths [B]: row b attends to cache
     positions [max(0, lengths[b] - W), lengths[b]) (its own new key is the last of them).
+    Each head's keys are read where they lie, with no copy of the cache.
     """
-    q_offset = jnp.asarray(lengths) - 1
-    out = mha_reference(q[:, None], k_cache, v_cache, q_offset=q_offset, causal=True,
-                        sliding_window=sliding_window, sm_scale=sm_scale)
-    return out[:, 0]
+    b, h, d = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[2]
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    q_bkgd = q.reshape(b, kv, h // kv, d)
+    logits = jnp.einsum("bkgd,bksd->bkgs", q_bkgd, k_cache, preferred_element_type=jnp.float32) * scale
+    mask = reference_mask(1, s, q_offset=jnp.asarray(lengths) - 1, causal=True, sliding_window=sliding_window)
+    logits = jnp.where(mask[:, None], logits, MASK_VALUE)  # [B, 1, S] over the kv heads and groups
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache).reshape(b, h, d)

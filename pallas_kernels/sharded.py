@@ -92,16 +92,16 @@ def sharded_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
                              mesh: Mesh | jax.sharding.AbstractMesh,
                              batch_axes: str | Sequence[str] | None = ("data", "fsdp"),
                              head_axes: str | Sequence[str] | None = ("tensor",), **kwargs) -> jax.Array:
-    """`decode_attention` under `mesh`: q [B,H,D], caches [B,S,KV,D] split over batch and heads."""
+    """`decode_attention` under `mesh`: q [B,H,D], caches [B,KV,S,D] split over batch and heads."""
     b, h, _ = q.shape
-    kv = k_cache.shape[2]
+    kv = k_cache.shape[1]
     b_axes = _axes(mesh, batch_axes, b)
     h_axes, repeat = _head_plan(mesh, head_axes, h, kv)
     if repeat > 1:  # rare (kv heads fewer than head shards); costs a cache copy, so say so in docs
-        k_cache, v_cache = jnp.repeat(k_cache, repeat, axis=2), jnp.repeat(v_cache, repeat, axis=2)
+        k_cache, v_cache = jnp.repeat(k_cache, repeat, axis=1), jnp.repeat(v_cache, repeat, axis=1)
     if not b_axes and not h_axes:
         return decode_attention(q, k_cache, v_cache, lengths, **kwargs)
-    q_spec, cache_spec = _spec(b_axes, h_axes, ()), _spec(b_axes, (), h_axes, ())
+    q_spec, cache_spec = _spec(b_axes, h_axes, ()), _spec(b_axes, h_axes, (), ())
 
     def local(q, k, v, lengths):
         return decode_attention(q, k, v, lengths, **kwargs)

@@ -1,5 +1,5 @@
 import sys
 
-from phi3jax.cli import main
+from phi3jax.cli.main import main
 
 sys.exit(main())

@@ -19,8 +19,13 @@ from phi3jax import _rope_factors
 ROPE_TYPES = ("default", "longrope")
 # Legacy names that Phi-3 checkpoints on the hub used for LongRoPE.
 LEGACY_LONGROPE_NAMES = ("su", "yarn", "longrope")
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
+# Attention backends by name (phi3jax.ops.attention says what each runs and picks one for `auto`).
+ATTENTION_IMPLS = ("auto", "xla", "cpu", "pallas", "splash", "cudnn")
+# Floating dtypes for parameters, activations and stored checkpoints.
 DTYPES = ("float32", "bfloat16", "float16")
+# Phi3Config fields that are runtime choices, not architecture: a checkpoint may be run with others.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
+# Activation rematerialisation of each layer (phi3jax.model maps the names to JAX's policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 
 # config.json keys that we read (or knowingly ignore); anything else is reported.

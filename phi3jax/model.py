@@ -2,25 +2,33 @@
 
     x = embed(tokens)
     for each layer (one `nn.scan`, so compile time is flat in depth):
-        x = x + attn(rmsnorm(x))      # q/k/v/o keep heads explicit, RoPE on q and k
+        x = x + attn(rmsnorm(x))      # heads explicit, RoPE on q and k
         x = x + mlp(rmsnorm(x))       # down(up * silu(gate))
     logits = lm_head(rmsnorm(x))     # or x @ embed.T when embeddings are tied
 
-Parameter tree (leading `layers` axis on everything under `layers`):
-    embed [vocab, embed]
-    layers/attn_norm/scale [embed]      layers/mlp_norm/scale [embed]
-    layers/attn/{q,k,v} [embed, heads|kv_heads, head_dim]   layers/attn/o [heads, head_dim, embed]
-    layers/mlp/{gate,up} [embed, mlp]   layers/mlp/down [mlp, embed]
-    final_norm/scale [embed]            lm_head [embed, vocab]   (absent when tied)
+Parameters: one layout. Weights that run as one matmul are stacked on a new, unsharded axis, as
+gemma does; heads stay an explicit axis, so tensor parallelism shards whole heads.
 
-Every parameter carries logical axis names (`param_logical_axes`) and every large activation
-a logical constraint; `phi3jax.sharding` maps those names onto a mesh.
+    embed [vocab, embed]
+    layers/attn_norm/scale [embed]                 layers/mlp_norm/scale [embed]
+    layers/attn/qkv [embed, 3, heads, head_dim]    (every head has its own k/v), or with GQA
+    layers/attn/q [embed, heads, head_dim] and layers/attn/kv [embed, 2, kv_heads, head_dim]
+    layers/attn/o [heads, head_dim, embed]
+    layers/mlp/gate_up [embed, 2, mlp]             layers/mlp/down [mlp, embed]
+    final_norm/scale [embed]                       lm_head [embed, vocab]   (absent when tied)
+
+Everything under `layers` has a leading [layers] axis. `Phi3(cfg, scan_layers=False)` runs the
+layers as a Python loop over the same leaves kept per layer (`layers_0`, `layers_1`, ...; see
+`unstack_layers`): decoding reads each weight in place instead of slicing it out of the stack.
+
+Every parameter carries logical axis names (`param_logical_axes`) and every large activation a
+logical constraint; given a mesh, `phi3jax.parallel` maps those names onto it. Attention goes
+through `phi3jax.ops`, which picks the backend; nothing here depends on the platform.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,45 +37,33 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from phi3jax import rope
-from phi3jax.attention import attention, resolve_impl
 from phi3jax.config import Phi3Config
+from phi3jax.ops import KVCache, attention, decode_attention
+from phi3jax.parallel import axes as ax
+from phi3jax.parallel import check_model_fits_mesh
+from phi3jax.parallel.axes import constrain, rules_for, tree_shardings
 
 Params = dict[str, Any]
 
-# Logical names of activations. Parameters use embed/heads/kv_heads/head_dim/mlp/vocab/
-# layers/norm; activations get their own names so a rule can shard a weight's `embed`
-# dimension (FSDP) without sharding the activations' hidden dimension.
-BATCH, LENGTH = "batch", "length"
-ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
-    "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+REMAT_POLICIES = {  # the names Phi3Config.remat_policy accepts ("none": no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim] each, or, where
-    `kv_cache_heads_major(cfg)`, k [layers, batch, kv_heads, max_len, head_dim] and v [layers, batch,
-    kv_heads, head_dim, max_len]."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-def kv_cache_heads_major(cfg: Phi3Config) -> bool:
-    """The KV cache layout: heads-major for XLA attention, keys [L, B, KV, S, D] and values
-    [L, B, KV, D, S], so that both of its matmuls (q.k over D, p.v over S) read each head's cache
-    in place (with [L, B, S, KV, D] XLA on CPU transposes every layer's cache on every decode step,
-    ~35% of the step); [L, B, S, KV, D] for the kernels, which tile that layout."""
-    return resolve_impl(cfg.attention_impl) == "xla"
-
-
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...],
-           init: Any) -> jax.Array:
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str | None, ...],
+           init: Any = None) -> jax.Array:
     cfg: Phi3Config = module.cfg
-    return module.param(name, nn.with_logical_partitioning(init, names), shape,
-                        jnp.dtype(cfg.param_dtype))
+    init = init or nn.initializers.normal(stddev=cfg.initializer_range)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
 
 
-def _normal(cfg: Phi3Config) -> Any:
-    return nn.initializers.normal(stddev=cfg.initializer_range)
+def _constrain(module: nn.Module, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    if module.mesh is None:
+        return x
+    return constrain(x, names, module.mesh, rules_for(module.cfg.num_key_value_heads, module.mesh))
 
 
 class RMSNorm(nn.Module):
@@ -77,211 +73,152 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", (x_btd.shape[-1],), ("norm",), nn.initializers.ones)
+        scale = _param(self, "scale", (x_btd.shape[-1],), (ax.NORM,), nn.initializers.ones)
         x32 = x_btd.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
         return x32.astype(x_btd.dtype) * scale.astype(x_btd.dtype)
 
 
-def _project(x_btd: jax.Array, stacked: jax.Array) -> list[jax.Array]:
-    """x @ w for each weight w of `stacked` [D, n, ...] (weights of one shape on a new axis 1), as one matmul.
-
-    One large matmul runs faster than several small ones (q/k/v, gate/up: ~6% of a CPU forward),
-    and the new axis is unsharded, so each weight keeps its heads/mlp sharding.
-    """
-    out = jnp.einsum("btd,ds...->bts...", x_btd, stacked.astype(x_btd.dtype))
-    return [out[:, :, i] for i in range(stacked.shape[1])]
-
-
-def _stacked(*weights: jax.Array) -> jax.Array:
-    return jnp.stack(weights, axis=1)
-
-
-def fused_weights(cfg: Phi3Config) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Per module, the weights the model runs as one matmul, stacked on a new axis 1: (the stacked
-    leaf's name in the inference layout, the weights it holds). q/k/v together when every head has
-    its own k/v, else k/v (q apart)."""
-    attn = ("qkv", ("q", "k", "v")) if cfg.num_attention_heads == cfg.num_key_value_heads else ("kv", ("k", "v"))
-    return {"attn": attn, "mlp": ("gate_up", ("gate", "up"))}
-
-
-def _stacked_param(module: nn.Module, fused: bool, name: str, parts: tuple[str, ...],
-                   specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]]) -> jax.Array:
-    """The weights `parts` (shape and logical names in `specs`) stacked on a new axis 1: declared as
-    one leaf `name` when `fused` (the inference layout), else declared apart and stacked here."""
-    if fused:
-        shape, names = specs[parts[0]]
-        return _param(module, name, (shape[0], len(parts), *shape[1:]), (names[0], None, *names[1:]),
-                      _normal(module.cfg))
-    return _stacked(*(_param(module, part, *specs[part], _normal(module.cfg)) for part in parts))
+def _project(x_btd: jax.Array, w_dn: jax.Array) -> list[jax.Array]:
+    """x @ w for each weight of a stack w [D, n, ...]: one matmul, split on the stacked axis."""
+    out = jnp.einsum("btd,dn...->btn...", x_btd, w_dn.astype(x_btd.dtype))
+    return [out[:, :, i] for i in range(w_dn.shape[1])]
 
 
 class Attention(nn.Module):
-    """Self-attention. `fused=True` takes q/k/v as one stacked weight `qkv` [embed, 3, heads,
-    head_dim] (q [embed, heads, head_dim] and `kv` [embed, 2, kv_heads, head_dim] with GQA); see `Phi3`."""
+    """Self-attention with GQA and RoPE. With a cache: writes this call's keys and values, and with
+    `cache_offset_b` (decoding) attends each row's one new token to its cached sequence."""
 
     cfg: Phi3Config
-    fused: bool = False
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None,
-                 cache: KVCache | None, layer: jax.Array, q_offset_b: jax.Array | None
+                 cache: KVCache | None, layer: jax.Array, cache_offset_b: jax.Array | None
                  ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dt = x_btd.dtype
-        kv_spec = ((d, kv, hd), ("embed", "kv_heads", "head_dim"))
-        specs = {"q": ((d, h, hd), ("embed", "heads", "head_dim")), "k": kv_spec, "v": kv_spec}
-        name, parts = fused_weights(cfg)["attn"]
-        w_q = None if "q" in parts else _param(self, "q", *specs["q"], _normal(cfg))
-        stacked = _stacked_param(self, self.fused, name, parts, specs)
-        if w_q is None:
-            q, k, v = _project(x_btd, stacked)
+        if h == kv:
+            q, k, v = _project(x_btd, _param(self, "qkv", (d, 3, h, hd), (ax.EMBED, None, ax.HEADS, ax.HEAD_DIM)))
         else:
-            (q,), (k, v) = _project(x_btd, w_q[:, None]), _project(x_btd, stacked)
-        w_o = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), _normal(cfg))
-        q = nn.with_logical_constraint(rope.apply_rope(q, cos, sin), (BATCH, LENGTH, ACT_HEADS, "head_dim"))
-        k = nn.with_logical_constraint(rope.apply_rope(k, cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
-        v = nn.with_logical_constraint(v, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
+            (q,) = _project(x_btd, _param(self, "q", (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM))[:, None])
+            k, v = _project(x_btd, _param(self, "kv", (d, 2, kv, hd), (ax.EMBED, None, ax.KV_HEADS, ax.HEAD_DIM)))
+        w_o = _param(self, "o", (h, hd, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED))
+        q = _constrain(self, rope.apply_rope(q, cos, sin), (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, ax.HEAD_DIM))
+        k = _constrain(self, rope.apply_rope(k, cos, sin), (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, ax.HEAD_DIM))
+        v = _constrain(self, v, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, ax.HEAD_DIM))
 
-        if cache is None:
-            out = attention(q, k, v, q_segment_ids_bt=segment_ids_bt, causal=True,
-                            sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
-        else:
-            # Write this step's keys/values at each row's own offset, then attend over the cache.
-            heads_major = kv_cache_heads_major(cfg)
-            cache = KVCache(_write_cache(cache.k, k, layer, q_offset_b, "bksd" if heads_major else "bskd"),
-                            _write_cache(cache.v, v, layer, q_offset_b, "bkds" if heads_major else "bskd"))
-            k_all = jax.lax.dynamic_index_in_dim(cache.k, layer, axis=0, keepdims=False)
-            v_all = jax.lax.dynamic_index_in_dim(cache.v, layer, axis=0, keepdims=False)
-            out = attention(q, k_all, v_all, q_offset_b=q_offset_b, causal=True, sliding_window=cfg.sliding_window,
-                            impl=cfg.attention_impl, kv_heads_major=heads_major)
+        if cache is not None:
+            offset_b = jnp.zeros((x_btd.shape[0],), jnp.int32) if cache_offset_b is None else cache_offset_b
+            cache = cache.write(layer, k, v, offset_b)
+        if cache_offset_b is None:  # the tokens attend to each other (training, scoring, prefill)
+            out = attention(q, k, v, segment_ids_bt=segment_ids_bt, sliding_window=cfg.sliding_window,
+                            impl=cfg.attention_impl, mesh=self.mesh)
+        else:  # decoding: each row's new token against its cached keys and values
+            if q.shape[1] != 1:
+                raise ValueError(f"decoding takes one new token per row, got {q.shape[1]}")
+            k_all, v_all = cache.layer(layer)
+            out = decode_attention(q[:, 0], k_all, v_all, cache_offset_b + 1, sliding_window=cfg.sliding_window,
+                                   impl=cfg.attention_impl, mesh=self.mesh)[:, None]
         out = checkpoint_name(out, "attn_out")
-        y = jnp.einsum("bthk,hkd->btd", out, w_o.astype(dt))
-        return nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_EMBED)), cache
-
-
-def _write_cache(cache: jax.Array, new_btkd: jax.Array, layer: jax.Array, offset_b: jax.Array,
-                 layout: str) -> jax.Array:
-    """Write new[b] at cache positions offset_b[b] ... of every row b of one layer (one in-place
-    scatter). `layout` names the per-layer axes after [layers]: bskd, bksd or bkds (s: position)."""
-    batch, length = new_btkd.shape[:2]
-    rows_b1 = jnp.arange(batch)[:, None]
-    cols_bt = offset_b[:, None] + jnp.arange(length)[None, :]
-    # Advanced indices (rows, cols) split by slices put their [B, T] axes first, so the update keeps
-    # its [B, T, KV, D] order in every layout.
-    index = {"bskd": (rows_b1, cols_bt), "bksd": (rows_b1, slice(None), cols_bt),
-             "bkds": (rows_b1, slice(None), slice(None), cols_bt)}[layout]
-    return cache.at[(layer, *index)].set(new_btkd.astype(cache.dtype))
+        y = jnp.einsum("bthk,hkd->btd", out, w_o.astype(x_btd.dtype))
+        return _constrain(self, y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), cache
 
 
 class MLP(nn.Module):
-    """down(up * silu(gate)). `fused=True` declares gate and up as one stacked weight `gate_up` [embed, 2, mlp]."""
+    """down(up * silu(gate)), gate and up as one stacked weight `gate_up` [embed, 2, mlp]."""
 
     cfg: Phi3Config
-    fused: bool = False
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        d, i = cfg.hidden_size, cfg.intermediate_size
-        dt = x_btd.dtype
-        name, parts = fused_weights(cfg)["mlp"]
-        gate_up = _stacked_param(self, self.fused, name, parts, dict.fromkeys(parts, ((d, i), ("embed", "mlp"))))
-        w_down = _param(self, "down", (i, d), ("mlp", "embed"), _normal(cfg))
-        gate, up = _project(x_btd, gate_up)
-        hidden = nn.with_logical_constraint(up * nn.silu(gate), (BATCH, LENGTH, ACT_MLP))
-        y = jnp.einsum("btf,fd->btd", hidden, w_down.astype(dt))
-        return nn.with_logical_constraint(y, (BATCH, LENGTH, ACT_EMBED))
+        d, i = self.cfg.hidden_size, self.cfg.intermediate_size
+        gate, up = _project(x_btd, _param(self, "gate_up", (d, 2, i), (ax.EMBED, None, ax.MLP)))
+        hidden = _constrain(self, up * nn.silu(gate), (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
+        y = jnp.einsum("btf,fd->btd", hidden, _param(self, "down", (i, d), (ax.MLP, ax.EMBED)).astype(x_btd.dtype))
+        return _constrain(self, y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block. Called by `nn.scan`: (carry, layer index, broadcast args...)."""
+    """One pre-norm block: (carry, layer index, broadcast args...), as `nn.scan` calls it."""
 
     cfg: Phi3Config
-    fused: bool = False
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, KVCache | None], layer: jax.Array, cos: jax.Array,
-                 sin: jax.Array, segment_ids_bt: jax.Array | None, q_offset_b: jax.Array | None):
+                 sin: jax.Array, segment_ids_bt: jax.Array | None, cache_offset_b: jax.Array | None):
         x, cache = carry
-        attn_out, cache = Attention(self.cfg, self.fused, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids_bt, cache, layer, q_offset_b)
+        attn_out, cache = Attention(self.cfg, self.mesh, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids_bt, cache, layer, cache_offset_b)
         x = x + attn_out
-        x = x + MLP(self.cfg, self.fused, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-        return (nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED)), cache), None
-
-
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
-}
+        x = x + MLP(self.cfg, self.mesh, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        return (_constrain(self, x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), cache), None
 
 
 class Phi3(nn.Module):
-    """Phi3ForCausalLM. Returns (float32 logits, updated cache or None).
+    """Phi3ForCausalLM. Returns (float32 logits, the updated cache or None).
 
-    `unrolled=True` takes the inference layout (see `inference_layout`): the layers run as a Python
-    loop over per-layer parameters `layers_0`, `layers_1`, ... instead of one `nn.scan` over the
-    stacked `layers`, with q/k/v and gate/up stored pre-stacked (`fused_weights`). XLA on CPU copies
-    each layer's weights out of a stacked array before every matmul, which doubles the memory
-    traffic of bandwidth-bound decoding, and it would hoist the q/k/v and gate/up stacking out of
-    the decode loop as copies (~70% of the layers' weights again); CPU generation uses this layout.
+    mesh: the Mesh the computation is laid out on (None: one device); activation constraints and
+    the attention backend follow it. scan_layers: one `nn.scan` over the stacked `layers` (training;
+    compile time flat in depth), or a Python loop over per-layer `layers_<i>` (decoding).
     """
 
     cfg: Phi3Config
-    unrolled: bool = False
+    mesh: Any = None
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, *,
                  segment_ids_bt: jax.Array | None = None, long_rope: jax.Array | bool = False,
-                 cache: KVCache | None = None, q_offset_b: jax.Array | None = None,
+                 cache: KVCache | None = None, cache_offset_b: jax.Array | None = None,
                  logits_index_b: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), _normal(cfg))
+        embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED))
         # Gather the table's ZeRO-3 shards before the lookup (as the matmuls do implicitly), so the
         # lookup's output can take the activations' layout without a full rematerialisation.
-        x = jnp.take(nn.with_logical_constraint(embed, ("vocab", ACT_EMBED)), tokens_bt, axis=0).astype(dt)
-        x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+        x = jnp.take(_constrain(self, embed, (ax.VOCAB, ax.ACT_EMBED)), tokens_bt, axis=0).astype(dt)
+        x = _constrain(self, x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
         cos, sin = rope.rope_tables(cfg, positions_bt, long_rope, dt)
 
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
-            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-        if self.unrolled:
-            for i in range(cfg.num_hidden_layers):
-                (x, cache), _ = layer_cls(cfg, fused=True, name=f"layers_{i}")(
-                    (x, cache), jnp.int32(i), cos, sin, segment_ids_bt, q_offset_b)
-        else:
-            # The explicit name keeps parameter paths identical with remat on or off.
+            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        args = (cos, sin, segment_ids_bt, cache_offset_b)
+        if self.scan_layers:
+            # No broadcast outputs, so flax's extra trace that checks them is skipped: it would keep
+            # effectful ops (a Pallas call) alive and reject the scan body.
             stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+                            check_constancy_invariants=False)
             layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, cache), _ = stack(cfg, name="layers")((x, cache), layers, cos, sin, segment_ids_bt, q_offset_b)
+            (x, cache), _ = stack(cfg, self.mesh, name="layers")((x, cache), layers, *args)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                (x, cache), _ = layer_cls(cfg, self.mesh, name=f"layers_{i}")((x, cache), jnp.int32(i), *args)
         x = RMSNorm(cfg, name="final_norm")(x)
 
-        if logits_index_b is not None:  # only the positions whose next token we need
+        if logits_index_b is not None:  # only the positions whose next token is needed
             x = jnp.take_along_axis(x, logits_index_b[:, None, None], axis=1)
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed.astype(dt), preferred_element_type=jnp.float32)
         else:
-            head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), _normal(cfg))
+            head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), (ax.EMBED, ax.VOCAB))
             logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits, (BATCH, LENGTH, ACT_VOCAB)), cache
+        return _constrain(self, logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB)), cache
 
 
 # ---------------------------------------------------------------------------- parameters
-def _init_variables(cfg: Phi3Config, rng: jax.Array) -> dict[str, Any]:
+def _init_variables(cfg: Phi3Config, rng: jax.Array, scan_layers: bool = True) -> dict[str, Any]:
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Phi3(cfg).init(rng, tokens, tokens)
+    return Phi3(cfg, scan_layers=scan_layers).init(rng, tokens, tokens)
 
 
 def init_params(cfg: Phi3Config, rng: jax.Array | int = 0) -> Params:
-    """Randomly initialised parameters (normal(initializer_range) weights, unit norms)."""
+    """Randomly initialised parameters (normal(initializer_range) weights, unit norms), layers stacked."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     boxed = jax.jit(_init_variables, static_argnums=0)(cfg, rng)["params"]
@@ -294,52 +231,58 @@ def abstract_params(cfg: Phi3Config) -> Params:
     return nn.meta.unbox(boxed)
 
 
-def param_logical_axes(cfg: Phi3Config) -> Params:
+def param_logical_axes(cfg: Phi3Config, scan_layers: bool = True) -> Params:
     """A PartitionSpec of logical axis names for every parameter."""
-    boxed = jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0)))["params"]
+    boxed = jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0), scan_layers))["params"]
     return nn.get_partition_spec(boxed)
 
 
-def is_inference_layout(params: Params) -> bool:
-    """True for the per-layer tree `Phi3(cfg, unrolled=True)` takes, False for the stacked (training) tree."""
-    return "layers" not in params and "layers_0" in params
+def param_shardings(cfg: Phi3Config, mesh: Any, scan_layers: bool = True) -> Params:
+    """A NamedSharding on `mesh` for every parameter, from its logical axes and the rules (after
+    checking that the mesh can shard this model)."""
+    check_model_fits_mesh(cfg, mesh)
+    return tree_shardings(param_logical_axes(cfg, scan_layers), mesh, rules_for(cfg.num_key_value_heads, mesh))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _split_layers(stacked: tuple[jax.Array, ...], num_layers: int) -> list[jax.Array]:
-    """Leaves [L, ...] -> one array per layer: the leaf's slice, or the leaves' slices stacked on axis 1."""
-    if len(stacked) == 1:
-        return [stacked[0][i] for i in range(num_layers)]
-    return [_stacked(*(x[i] for x in stacked)) for i in range(num_layers)]
+def layers_stacked(params: Params) -> bool:
+    """True for the stacked tree (`layers`), False for per-layer subtrees (`layers_0`, ...)."""
+    return "layers" in params
 
 
-def inference_layout(params: Params, cfg: Phi3Config, donate: bool = False) -> Params:
-    """The tree `Phi3(cfg, unrolled=True)` takes: `layers` split into `layers_0`, `layers_1`, ...,
-    with q/k/v (k/v under GQA) and gate/up stacked as `fused_weights(cfg)` names them.
+@jax.jit
+def _split(x: jax.Array) -> list[jax.Array]:
+    return [x[i] for i in range(x.shape[0])]
 
-    donate=True deletes the stacked arrays of `params` as soon as their layers are split, a weight
-    (or a fused group, e.g. gate and up) at a time, so the conversion's peak is the weights plus
-    that group instead of twice the weights.
+
+def unstack_layers(params: Params, donate: bool = False) -> Params:
+    """The same leaves with `layers` split into `layers_0`, `layers_1`, ... (for scan_layers=False).
+
+    donate=True deletes each stacked leaf as soon as it is split, so the peak is the weights plus
+    one leaf instead of twice the weights (`params` must not be used afterwards).
     """
-    if is_inference_layout(params):
+    if not layers_stacked(params):
         return params
-    num_layers = cfg.num_hidden_layers
-    layers: list[dict[str, dict[str, jax.Array]]] = [{} for _ in range(num_layers)]
-    fused = fused_weights(cfg)
-    for module, group in params["layers"].items():
-        stacked_name, stacked = fused.get(module, ("", ()))
-        units = [(stacked_name, stacked)] if stacked else []
-        for name, parts in units + [(name, (name,)) for name in group if name not in stacked]:
-            split = _split_layers(tuple(group[p] for p in parts), num_layers)
-            for i in range(num_layers):
-                layers[i].setdefault(module, {})[name] = split[i]
-            if donate:
-                jax.block_until_ready(split)
-                for leaf in (group[p] for p in parts):
-                    if isinstance(leaf, jax.Array):
-                        leaf.delete()
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params["layers"])
+    n = paths[0][1].shape[0]
+    per_layer: list[list[jax.Array]] = [[] for _ in range(n)]
+    for _, leaf in paths:
+        for i, piece in enumerate(_split(leaf) if isinstance(leaf, jax.Array) else [leaf[i] for i in range(n)]):
+            per_layer[i].append(piece)
+        if donate and isinstance(leaf, jax.Array):
+            jax.block_until_ready(per_layer[-1][-1])
+            leaf.delete()
     out = {k: v for k, v in params.items() if k != "layers"}
-    out.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+    out.update({f"layers_{i}": jax.tree_util.tree_unflatten(treedef, leaves) for i, leaves in enumerate(per_layer)})
+    return out
+
+
+def stack_layers(params: Params) -> Params:
+    """The inverse of `unstack_layers`."""
+    if layers_stacked(params):
+        return params
+    per_layer = [params[f"layers_{i}"] for i in range(sum(k.startswith("layers_") for k in params))]
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     return out
 
 
@@ -374,8 +317,10 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
     return idx - start_idx
 
 
-def _forward(params: Params, cfg: Phi3Config, tokens: jax.Array, positions: jax.Array | None,
-             segment_ids: jax.Array | None, padding_mask: jax.Array | None) -> jax.Array:
+def logits_fn(params: Params, cfg: Phi3Config, tokens: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None, padding_mask: jax.Array | None = None,
+              mesh: Any = None) -> jax.Array:
+    """`forward`'s computation, traceable (no checks on concrete values): what jitted callers use."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if padding_mask is not None:
         mask = jnp.asarray(padding_mask).astype(bool)
@@ -390,12 +335,12 @@ def _forward(params: Params, cfg: Phi3Config, tokens: jax.Array, positions: jax.
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     positions = jnp.asarray(positions, jnp.int32)
     long_rope = rope.use_long_factors(cfg, jnp.max(positions) + 1)
-    logits, _ = Phi3(cfg).apply({"params": params}, tokens, positions, segment_ids_bt=segment_ids,
-                                long_rope=long_rope)
+    logits, _ = Phi3(cfg, mesh, layers_stacked(params)).apply({"params": params}, tokens, positions,
+                                                              segment_ids_bt=segment_ids, long_rope=long_rope)
     return logits
 
 
-_forward_jit = jax.jit(_forward, static_argnums=1)
+_logits_jit = jax.jit(logits_fn, static_argnames=("cfg", "mesh"))
 
 
 def forward(params: Params, cfg: Phi3Config, tokens: Any, positions: Any = None, segment_ids: Any = None,
@@ -409,4 +354,4 @@ def forward(params: Params, cfg: Phi3Config, tokens: Any, positions: Any = None,
     largest position in the batch, as Hugging Face does.
     """
     check_tokens(tokens, cfg.vocab_size)
-    return _forward_jit(params, cfg, tokens, positions, segment_ids, padding_mask)
+    return _logits_jit(params, cfg, tokens, positions, segment_ids, padding_mask)

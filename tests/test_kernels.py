@@ -251,13 +251,13 @@ DECODE_CASES = pairwise(DECODE_FACTORS)
 @pytest.mark.parametrize("case", DECODE_CASES,
                          ids=lambda c: f"w{c['window']}-g{c['group']}-d{c['head_dim']}-{c['dtype']}")
 def test_decode_matches_reference(case, backend):
-    """Rows of different lengths (1, a middle one, the full cache) in one batch."""
+    """Rows of different lengths (1, a middle one, the full cache) in one batch; heads-major cache."""
     group, d, dtype = case["group"], case["head_dim"], jnp.dtype(case["dtype"])
     kv = 2 if group * 2 <= 8 else 1
     b, s, h = 3, 200, group * kv
     ks = jax.random.split(jax.random.key(7), 3)
     q = jax.random.normal(ks[0], (b, h, d)).astype(dtype)
-    k, v = (jax.random.normal(key, (b, s, kv, d)).astype(dtype) for key in ks[1:])
+    k, v = (jax.random.normal(key, (b, kv, s, d)).astype(dtype) for key in ks[1:])
     lengths = jnp.array([1, 77, s], jnp.int32)
     window = {None: None, "smaller": 50, "larger": 500}[case["window"]]
     if backend == "tpu" and ON_GPU:
@@ -279,7 +279,8 @@ def test_decode_matches_flash_with_offset():
     q = jax.random.normal(ks[0], (b, 1, h, d))
     k, v = (jax.random.normal(key, (b, s, kv, d)) for key in ks[1:])
     lengths = jnp.array([5, 200], jnp.int32)
-    dec = decode_attention(q[:, 0], k, v, lengths, backend="tpu", interpret=True)
+    dec = decode_attention(q[:, 0], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), lengths, backend="tpu",
+                           interpret=True)
     flash = flash_attention(q, k, v, q_offset=lengths - 1, backend="tpu", interpret=True)
     assert rel_err(dec, flash[:, 0]) < TOLERANCE["float32"]
 

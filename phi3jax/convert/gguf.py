@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from phi3jax.config import Phi3Config
-from phi3jax.convert.hf import HFSource, ParamSource, hf_shapes, progress_bar
+from phi3jax.convert.files import progress_bar
+from phi3jax.convert.hf import HFSource, ParamSource
 from phi3jax.convert.hf_tokenizer import unk_id
+from phi3jax.convert.keys import gguf_names, hf_shapes
 from phi3jax.tokenizer import Tokenizer
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
@@ -48,19 +50,6 @@ def _types(quant: str) -> tuple[Any, Any]:
             "q4_0": (t.Q4_0, f.MOSTLY_Q4_0)}[quant]
 
 
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a HF Phi-3 tensor name."""
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    if hf_name in top:
-        return top[hf_name]
-    _, _, l, *rest = hf_name.split(".")
-    layer = {"self_attn.qkv_proj.weight": "attn_qkv", "self_attn.o_proj.weight": "attn_output",
-             "mlp.gate_up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down",
-             "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm"}[".".join(rest)]
-    return f"blk.{l}.{layer}.weight"
-
-
 def tensor_plan(cfg: Phi3Config, quant: str) -> list[tuple[str, str | None, tuple[int, ...], Any]]:
     """[(GGUF name, HF name or None for derived tensors, numpy shape, GGML type)] in file order.
 
@@ -75,13 +64,14 @@ def tensor_plan(cfg: Phi3Config, quant: str) -> list[tuple[str, str | None, tupl
     if cfg.rope_type == "longrope":
         for which in ("long", "short"):
             plan.append((f"rope_factors_{which}.weight", None, (cfg.rotary_dim // 2,), gguf.GGMLQuantizationType.F32))
+    names = gguf_names(cfg)
     for hf_name, shape in hf_shapes(cfg).items():
         ttype = qtype if len(shape) == 2 else gguf.GGMLQuantizationType.F32
         block, _ = gguf.GGML_QUANT_SIZES[ttype]
         if shape[-1] % block:
-            raise GGUFExportError(f"tensor {hf_name} ({gguf_name(hf_name)}) has rows of {shape[-1]} values, not a "
+            raise GGUFExportError(f"tensor {hf_name} ({names[hf_name]}) has rows of {shape[-1]} values, not a "
                                   f"multiple of {quant}'s block of {block}; export it with --quant f16 or f32")
-        plan.append((gguf_name(hf_name), hf_name, tuple(shape), ttype))
+        plan.append((names[hf_name], hf_name, tuple(shape), ttype))
     return plan
 
 
@@ -254,30 +244,20 @@ def _arrays(source: ParamSource, cfg: Phi3Config) -> Iterator[tuple[str, np.ndar
     yield from source.hf_tensors()
 
 
-def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """HF name -> float32 array (dequantised) of a phi3 GGUF file written by `write_gguf`: the
-    weights llama.cpp actually computes with, for checking an export against phi3jax."""
+def read_gguf_tensors(path: str | os.PathLike, cfg: Phi3Config) -> dict[str, np.ndarray]:
+    """HF name -> float32 array (dequantised) of a phi3 GGUF file written by `write_gguf` for `cfg`:
+    the weights llama.cpp actually computes with, for checking an export against phi3jax."""
     import gguf
 
+    hf_of = {g: h for h, g in gguf_names(cfg).items()}
     reader = gguf.GGUFReader(os.fspath(path))
-    by_gguf = {}
+    out = {}
     for t in reader.tensors:
+        if t.name.startswith("rope_factors"):
+            continue
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        by_gguf[t.name] = np.asarray(data, np.float32).reshape([int(d) for d in reversed(t.shape)])
-    return {_hf_name(name): arr for name, arr in by_gguf.items() if not name.startswith("rope_factors")}
-
-
-def _hf_name(name: str) -> str:
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    _, l, kind, _ = name.split(".")
-    return {"attn_qkv": f"model.layers.{l}.self_attn.qkv_proj.weight",
-            "attn_output": f"model.layers.{l}.self_attn.o_proj.weight",
-            "ffn_up": f"model.layers.{l}.mlp.gate_up_proj.weight", "ffn_down": f"model.layers.{l}.mlp.down_proj.weight",
-            "attn_norm": f"model.layers.{l}.input_layernorm.weight",
-            "ffn_norm": f"model.layers.{l}.post_attention_layernorm.weight"}[kind]
+        out[hf_of[t.name]] = np.asarray(data, np.float32).reshape([int(d) for d in reversed(t.shape)])
+    return out
 
 
 def to_gguf(out: str | os.PathLike, ckpt: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None,

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -28,24 +27,17 @@ from typing import Any
 import numpy as np
 
 from phi3jax.config import Phi3Config
-from phi3jax.convert.hf import (
-    LAYER_LEAVES,
-    CheckpointError,
-    HFSource,
-    ParamSource,
-    atomic_directory,
-    generation_config,
-    np_dtype,
-    progress_bar,
-    write_hf_tensors,
-    write_json,
-)
+from phi3jax.convert.files import atomic_directory, progress_bar
+from phi3jax.convert.hf import HFSource, ParamSource, write_hf_directory
+from phi3jax.convert.keys import Key, hf_keys, layer_keys
+from phi3jax.convert.safetensors import CheckpointError, np_dtype
 from phi3jax.model import abstract_params
 from phi3jax.train import checkpoint as ckpt
 
-# Tokenizer files a run directory carries over from a Hugging Face directory, as they are.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
-                   "added_tokens.json")
+
+def _keys_by_path(cfg: Phi3Config) -> dict[str, Key]:
+    """Checkpoint leaf path ("layers/attn/kv", "embed") -> its key."""
+    return {f"layers/{k.leaf}" if k.per_layer else k.leaf: k for k in hf_keys(cfg)}
 
 
 def _leaf_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -130,7 +122,7 @@ class OrbaxSource(ParamSource):
         self._context = _ts_context(self._ocdbt)
 
     def _warn_about_chunks(self) -> None:
-        for path in LAYER_LEAVES:
+        for path in (k.leaf for k in layer_keys(self.cfg)):
             meta = self._meta[f"layers/{path}"]
             chunk = getattr(getattr(meta, "storage", None), "chunk_shape", None)
             if chunk and chunk[0] > 1:
@@ -166,11 +158,8 @@ class OrbaxSource(ParamSource):
             raise CheckpointError(f"{self.params_dir}: cannot read leaf {path} ({e}); the checkpoint may be "
                                   "incomplete or corrupt") from None
 
-    def top(self, path: str) -> np.ndarray:
-        return self._read(path)
-
-    def layer(self, l: int) -> dict[str, np.ndarray]:
-        return {path: self._read(f"layers/{path}", l) for path in LAYER_LEAVES}
+    def leaf(self, key: Key, layer: int | None) -> np.ndarray:
+        return self._read(key.leaf) if layer is None else self._read(f"layers/{key.leaf}", layer)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -222,21 +211,20 @@ def _streaming_handler() -> Any:
             leaves = list(zip(values, stores, strict=True))
             write = values[0].writer
             source, cfg = write.source, write.source.cfg
+            keys = _keys_by_path(cfg)
             stacked = [(v, t) for v, t in leaves if v.stacked]
             bar = progress_bar(len(leaves) - len(stacked) + len(stacked) * cfg.num_hidden_layers, "orbax",
                                write.progress)
             for value, store in leaves:
                 if not value.stacked:
                     bar.set_postfix_str(value.path, refresh=False)
-                    await store.write(np.asarray(source.top(value.path), value.dtype))
+                    await store.write(np.asarray(source.leaf(keys[value.path], None), value.dtype))
                     bar.update(1)
             for l in range(cfg.num_hidden_layers if stacked else 0):
-                layer = source.layer(l)
                 bar.set_postfix_str(f"layers[{l}]", refresh=False)
-                await asyncio.gather(*[store[l].write(np.asarray(layer[value.path[len("layers/"):]], value.dtype))
+                await asyncio.gather(*[store[l].write(np.asarray(source.leaf(keys[value.path], l), value.dtype))
                                        for value, store in stacked])
                 bar.update(len(stacked))
-                del layer
             bar.close()
 
     return _StreamingHandler()
@@ -270,15 +258,6 @@ def save_params_streaming(run_dir: str, step: int, source: ParamSource, dtype: s
 
 
 # ------------------------------------------------------------------------- conversions
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-            copied.append(name)
-    return copied
-
-
 def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None, force: bool = False,
                 progress: bool = False, step: int = 0) -> Phi3Config:
     """A run directory (config.yaml, tokenizer, checkpoints/<step>/ params) from a HF directory.
@@ -295,7 +274,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | 
               file=sys.stderr)
     with atomic_directory(out, overwrite=force) as tmp:
         ckpt.write_yaml(os.path.join(tmp, ckpt.CONFIG_FILE), {"model": ckpt.model_fields(cfg)})
-        copy_tokenizer_files(source.directory, tmp)
+        ckpt.copy_tokenizer_files(source.directory, tmp)
         save_params_streaming(tmp, step, source, target, progress=progress)
     return cfg
 
@@ -304,18 +283,10 @@ def orbax_to_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, dtype: str
                 max_shard_bytes: int = 2 * 2**30, progress: bool = False) -> Phi3Config:
     """A Hugging Face directory (config, generation config, sharded safetensors, tokenizer) from a run
     directory or step directory, one layer at a time."""
-    from phi3jax.convert.hf_tokenizer import check_tokenizer_dir, save_hf_tokenizer
+    from phi3jax.convert.hf_tokenizer import check_tokenizer_dir
 
     source = OrbaxSource(ckpt_path)
-    target = np_dtype(dtype)
     tokenizer = check_tokenizer_dir(source.run_dir)
-    cfg = source.cfg.replace(dtype=target.name, param_dtype=target.name)
-    with atomic_directory(out, overwrite=force) as tmp:
-        config = cfg.to_hf_dict()
-        config["torch_dtype"] = target.name
-        write_json(os.path.join(tmp, "config.json"), config)
-        stops = tokenizer.stop_ids if tokenizer is not None else ()
-        write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg, stops))
-        write_hf_tensors(source.hf_tensors(), cfg, tmp, target, max_shard_bytes, progress=progress)
-        save_hf_tokenizer(source.run_dir, tmp, cfg)
-    return cfg
+    stops = tokenizer.stop_ids if tokenizer is not None else ()
+    return write_hf_directory(source, out, dtype, max_shard_bytes, overwrite=force, stop_tokens=stops,
+                              tokenizer_dir=source.run_dir, progress=progress)

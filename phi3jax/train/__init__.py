@@ -1,12 +1,2 @@
-"""Training: the config system, the loop, checkpoints, metrics (entry point: `train.py` / `python -m phi3jax.train`)."""
-
-from __future__ import annotations
-
-from collections.abc import Sequence
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`train.py [--config X.yaml] [key=value ...]`."""
-    from phi3jax.train.trainer import main as _main
-
-    return _main(argv)
+"""Training: the config, the data pipeline, the loss and step, the train state on a mesh, checkpoints,
+metrics and the loop. The command is `train.py` / `python -m phi3jax.train` (phi3jax.cli.train)."""

@@ -1,5 +1,5 @@
 import sys
 
-from phi3jax.train import main
+from phi3jax.cli.train import main
 
 sys.exit(main())

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
@@ -27,7 +28,9 @@ CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
 ITEMS = ("params", "opt_state", "data_iter", "meta")
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
+# Tokenizer files a run directory keeps from its source (a SentencePiece model, HF's files).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 class RunDirError(ValueError):
@@ -60,6 +63,22 @@ def read_run_config(run_dir: str) -> dict[str, Any]:
     if not isinstance(data.get("model"), dict):
         raise RunDirError(f"{path} has no `model:` section")
     return data
+
+
+def copy_tokenizer_files(source: str, run_dir: str) -> list[str]:
+    """Copy the tokenizer of `source` (a directory, or a tokenizer.model file) into `run_dir`."""
+    if not os.path.isdir(source):
+        shutil.copyfile(source, os.path.join(run_dir, TOKENIZER_FILE))
+        copied = [TOKENIZER_FILE]
+        source = os.path.dirname(source)
+        names = [n for n in TOKENIZER_FILES if n != TOKENIZER_FILE]
+    else:
+        copied, names = [], list(TOKENIZER_FILES)
+    for name in names:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(run_dir, name))
+            copied.append(name)
+    return copied
 
 
 def model_config(run_dir: str, **overrides: Any) -> Phi3Config:
@@ -113,7 +132,8 @@ def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = No
     loads on a laptop)."""
     abstract = abstract_params(cfg)
     if shardings is None:
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
+        device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with checkpoint_manager(run_dir, async_save=False) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
@@ -143,19 +163,24 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, params: Params, 
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_params: Params,
-                        abstract_opt_state: Any, data_iter: Any) -> tuple[Params, Any, dict[str, Any]]:
-    """(params, opt_state, meta) of a full checkpoint; `data_iter` is moved to the saved position."""
+                        abstract_opt_state: Any, data_iter: Any = None) -> tuple[Params, Any, dict[str, Any]]:
+    """(params, opt_state, meta) of a training checkpoint, each array read onto the devices its
+    abstract value's sharding names (any mesh, whichever mesh saved it); `data_iter`, if given,
+    is moved to the saved position."""
     import grain
 
     step_dir = os.path.join(os.fspath(manager.directory), str(step))
-    missing = [item for item in ("opt_state", "data_iter", "meta") if not os.path.isdir(os.path.join(step_dir, item))]
+    needed = ("opt_state",) + (("data_iter", "meta") if data_iter is not None else ())
+    missing = [item for item in needed if not os.path.isdir(os.path.join(step_dir, item))]
     if missing:
         raise RunDirError(f"checkpoint step {step} in {manager.directory} has no {missing}: it is a "
                           "params-only checkpoint; start from it with init_from=ckpt:<dir> in a new run_dir")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
-    return restored["params"], restored["opt_state"], dict(restored["meta"])
+    items = dict(params=ocp.args.StandardRestore(abstract_params),
+                 opt_state=ocp.args.StandardRestore(abstract_opt_state))
+    if data_iter is not None:
+        items.update(data_iter=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["params"], restored["opt_state"], dict(restored.get("meta") or {})
 
 
 def load_run(path: str | os.PathLike, dtype: str | None = None) -> tuple[Phi3Config, Params, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from phi3jax.config import ConfigError, Phi3Config
-from phi3jax.sharding import DistributedConfig, MeshConfig  # the mesh: phi3jax.sharding
+from phi3jax.parallel import DistributedConfig, MeshConfig
 from phi3jax.train.step import OptimConfig
 
 DATA_FORMATS = ("text", "jsonl", "array_record", "chat")

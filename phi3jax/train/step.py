@@ -1,6 +1,6 @@
 """The loss, the optimiser and one training step: pure functions, jit- and mesh-ready.
 
-A batch is a dict of [B, T] arrays:
+A batch is a dict of [B, T] arrays (`phi3jax.train.data.BATCH_KEYS`):
     inputs       int32  token ids fed to the model
     targets      int32  the next token of each input (anything where loss_mask is 0)
     loss_mask    float32 1 where the target counts (not padding, not a document boundary,
@@ -27,9 +27,9 @@ import optax
 from phi3jax import rope
 from phi3jax.config import Phi3Config
 from phi3jax.model import Params, Phi3
+from phi3jax.train.data import BATCH_KEYS
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +99,13 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def token_nll(params: Params, cfg: Phi3Config, batch: Batch) -> jax.Array:
-    """Per-token negative log-likelihood [B, T] (float32) of batch['targets']."""
+def token_nll(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None) -> jax.Array:
+    """Per-token negative log-likelihood [B, T] (float32) of batch['targets']. mesh: the Mesh the
+    batch and parameters are laid out on (None: one device)."""
     positions = batch["positions"]
     long_rope = rope.use_long_factors(cfg, jnp.max(positions) + 1)
-    logits, _ = Phi3(cfg).apply({"params": params}, batch["inputs"], positions,
-                                segment_ids_bt=batch["segment_ids"], long_rope=long_rope)
+    logits, _ = Phi3(cfg, mesh).apply({"params": params}, batch["inputs"], positions,
+                                      segment_ids_bt=batch["segment_ids"], long_rope=long_rope)
     # logsumexp minus the target's logit, over a [B*T, V] view: the same value as
     # optax.softmax_cross_entropy_with_integer_labels, with a ~20% cheaper backward on CPU (no full
     # log-softmax materialised for the gradient).
@@ -114,10 +115,10 @@ def token_nll(params: Params, cfg: Phi3Config, batch: Batch) -> jax.Array:
     return (jax.nn.logsumexp(flat, axis=-1) - target).reshape(b, t)
 
 
-def loss_sums(params: Params, cfg: Phi3Config, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None) -> tuple[jax.Array, jax.Array]:
     """(sum of counted token NLLs, number of counted tokens)."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_nll(params, cfg, batch) * mask), jnp.sum(mask)
+    return jnp.sum(token_nll(params, cfg, batch, mesh) * mask), jnp.sum(mask)
 
 
 def _split_micro(batch: Batch, k: int) -> Batch:
@@ -129,16 +130,16 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     return {key: split(batch[key]) for key in BATCH_KEYS}
 
 
-def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: int = 1
+def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: int = 1, mesh: Any = None
                    ) -> tuple[jax.Array, jax.Array, Params]:
     """(mean loss, counted tokens, gradient of the mean loss), accumulated over micro-batches."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     if accum_steps == 1:
-        (total, count), grads = grad_fn(params, cfg, batch)
+        (total, count), grads = grad_fn(params, cfg, batch, mesh)
     else:
         def body(carry: tuple[jax.Array, jax.Array, Params], micro: Batch):
             total, count, grads = carry
-            (t, c), g = grad_fn(params, cfg, micro)
+            (t, c), g = grad_fn(params, cfg, micro, mesh)
             return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -149,16 +150,11 @@ def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: i
     return total / denom, count, grads
 
 
-def _global_norm(tree: Any) -> jax.Array:
-    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.6; global_norm is deprecated
-    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
-
-
 def train_step(state: TrainState, batch: Batch, cfg: Phi3Config, optimizer: optax.GradientTransformation,
-               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step. jit with cfg, optimizer and accum_steps static."""
-    loss, count, grads = loss_and_grads(state.params, cfg, batch, accum_steps)
+               accum_steps: int = 1, mesh: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step. jit with cfg, optimizer, accum_steps and mesh static."""
+    loss, count, grads = loss_and_grads(state.params, cfg, batch, accum_steps, mesh)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": _global_norm(grads)}
+    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

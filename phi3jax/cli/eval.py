@@ -12,10 +12,10 @@ import sys
 import time
 from typing import Any
 
+from phi3jax.cli.common import add_model_source, load_model
 
-def add_eval_cli(subparsers: Any) -> None:
-    from phi3jax.cli import add_model_source
 
+def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model: perplexity, multiple choice",
                               description="Evaluate a model (see docs/evaluate.md).")
     tasks = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
@@ -75,8 +75,7 @@ def _model_source(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from eval.perplexity import perplexity_of_texts, read_documents
-    from phi3jax.cli import load_model
+    from phi3jax.eval.perplexity import perplexity_of_texts, read_documents
 
     texts = read_documents(args.data, args.text_key)
     cfg, params, tokenizer = load_model(args)
@@ -100,8 +99,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
 
 def run_multiple_choice(args: argparse.Namespace) -> int:
-    from eval.multiple_choice import evaluate, format_table, load_task
-    from phi3jax.cli import load_model
+    from phi3jax.eval.multiple_choice import evaluate, format_table, load_task
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     items = load_task(args.task, args.data, shots=args.shots, limit=args.limit, subjects=subjects,

@@ -1,4 +1,13 @@
-"""Host memory on CPU-only machines: reuse freed memory instead of page-faulting it in again.
+"""Process-level set-up of the command-line programs (`train.py`, `phi3jax ...`); nothing else calls it.
+
+`prepare()` does two things before JAX's runtime starts:
+
+* On a machine with no accelerator attached, JAX runs on the CPU only (`JAX_PLATFORMS=cpu`), so
+  an installed libtpu (the `dev` and `tpu` extras) is never probed for TPU chips that are not
+  there; probing prints five lines of libtpu warnings on every command.
+* On CPU hosts, freed memory is reused instead of page-faulted in again (below).
+
+Host memory: reuse freed memory instead of page-faulting it in again.
 
 When XLA runs on the CPU, every call of a compiled program allocates its scratch space afresh:
 one block for all intermediate values (1.8 GB for the training step in benchmarks/bench_train.py).
@@ -15,9 +24,9 @@ memory until it exits, as a caching allocator would.
 
 glibc reads its tunables only when a process starts, so `reexec_with_memory_reuse()` runs the
 command again, in place (`os.execve`, same process id), with `GLIBC_TUNABLES` set. The entry points
-(`train.py`, `phi3jax generate | chat | eval`) call it first, before JAX's runtime starts. It does
-nothing where a GPU or TPU is attached (unless `JAX_PLATFORMS=cpu`), where the C library is not
-glibc, or when `PHI3JAX_HOST_MEMORY=release` is set.
+that run a model (`train.py`, `phi3jax generate | chat | eval`) do so first. It does nothing where a
+GPU or TPU is attached (unless `JAX_PLATFORMS=cpu`), where the C library is not glibc, or when
+`PHI3JAX_HOST_MEMORY=release` is set.
 """
 
 from __future__ import annotations
@@ -37,6 +46,21 @@ TUNABLES = (
 # Device files of accelerators JAX would run on instead of the CPU: NVIDIA GPUs, TPU v4 and earlier
 # (/dev/accel*), TPU v5e and later (/dev/vfio/N), AMD GPUs (/dev/kfd).
 _ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+
+
+def accelerator_attached() -> bool:
+    """True if this host has a device file of an accelerator JAX could run on."""
+    return any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
+
+
+def prepare(reuse_memory: bool = True) -> None:
+    """Set up this process for a command: CPU-only JAX where no accelerator is attached (unless
+    JAX_PLATFORMS says otherwise), then, if `reuse_memory`, start over with glibc's memory-reuse
+    settings where they apply (`reexec_with_memory_reuse`)."""
+    if "JAX_PLATFORMS" not in os.environ and not accelerator_attached():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    if reuse_memory:
+        reexec_with_memory_reuse()
 
 
 def glibc_tunables(current: str = "") -> str:
@@ -67,7 +91,7 @@ def why_not_reuse() -> str | None:
     if platforms:
         first = platforms.split(",")[0].strip()
         return None if first == "cpu" else f"JAX runs on {first} (JAX_PLATFORMS={platforms})"
-    if any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES):
+    if accelerator_attached():
         return "an accelerator is attached"
     return None
 

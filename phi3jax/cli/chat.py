@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from phi3jax.generate import generate, inference_params
-
-# The module itself (the package's `phi3jax.generate` attribute is the function).
-generate_module = importlib.import_module("phi3jax.generate")
+from phi3jax.cli.common import add_model_source, load_model
+from phi3jax.inference.generate import compiled_programs, generate, inference_params, stop_tokens
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -79,22 +76,11 @@ def _stdout_write(text: str) -> None:
     sys.stdout.flush()
 
 
-def stop_tokens(cfg: Any, tokenizer: Any) -> tuple[int, ...]:
-    """`<|end|>`, `<|endoftext|>` and the config's eos ids, without duplicates."""
-    return tuple(dict.fromkeys([*tokenizer.stop_ids, *cfg.eos_token_id]))
-
-
 def power_of_two_bucket(n: int, minimum: int = 64) -> int:
     size = minimum
     while size < n:
         size *= 2
     return size
-
-
-def _compiled_programs() -> int:
-    """Programs compiled so far by generate's jitted pieces (to say when a turn paid for compilation)."""
-    return sum(f._cache_size() for f in (generate_module._prefill, generate_module._decode_chunk,
-                                         generate_module._reprefill))
 
 
 @dataclasses.dataclass
@@ -122,7 +108,7 @@ class ChatSession:
     def __init__(self, params: Any, cfg: Any, tokenizer: Any, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chunk_size: int = 8):
         # Converted once for the whole conversation, not on every turn (see `inference_params`).
-        self.params, self.cfg, self.tokenizer = inference_params(params, cfg), cfg, tokenizer
+        self.params, self.cfg, self.tokenizer = inference_params(params), cfg, tokenizer
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -163,7 +149,7 @@ class ChatSession:
         """Stream the reply to `user` through `write`; add both to the history."""
         ids = self._fit(user)
         streamer = TextStreamer(self.tokenizer, self.stops, write)
-        compiled_before = _compiled_programs()
+        compiled_before = compiled_programs()
         start = time.perf_counter()
         out = generate(self.params, self.cfg, [ids], max_new_tokens=self.max_new_tokens, seed=self.seed + self.turns,
                        stop_tokens=self.stops, callback=streamer, chunk_size=self.chunk_size,
@@ -172,7 +158,7 @@ class ChatSession:
         reply = streamer.finish()
         generated = out.to_lists()[0]
         stats = TurnStats(len(ids), len(generated), seconds, bool(generated) and generated[-1] in self.stops,
-                          _compiled_programs() > compiled_before)
+                          compiled_programs() > compiled_before)
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply.strip()}]
         self.turns += 1
         return reply, stats
@@ -188,8 +174,6 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> N
 
 
 def add_generate_cli(subparsers: Any) -> None:
-    from phi3jax.cli import add_model_source
-
     p = subparsers.add_parser("generate", help="continue a prompt (or answer it with --chat)",
                               description="Generate text from one or more prompts. One prompt streams; "
                               "several are generated as one batch.")
@@ -204,13 +188,11 @@ def add_generate_cli(subparsers: Any) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from phi3jax.cli import load_model
-
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     if args.system and not args.chat:
         raise ValueError("--system needs --chat")
     cfg, params, tok = load_model(args)
-    params = inference_params(params, cfg, donate=True)
+    params = inference_params(params, donate=True)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         ids = [tok.encode(tok.apply_chat_template([*system, {"role": "user", "content": p}])) for p in prompts]
@@ -243,8 +225,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_chat_cli(subparsers: Any) -> None:
-    from phi3jax.cli import add_model_source
-
     p = subparsers.add_parser("chat", help="chat with a model in the terminal",
                               description="Chat with a model: one line per message (from a terminal or a pipe); "
                               "replies stream as they are generated and the conversation is kept.\n\n" + HELP)
@@ -268,10 +248,8 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from phi3jax.cli import load_model
-
     cfg, params, tok = load_model(args)
-    params = inference_params(params, cfg, donate=True)  # the stacked copy is freed as it is split
+    params = inference_params(params, donate=True)  # the stacked copy is freed as it is split
     session = ChatSession(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           chunk_size=args.chunk_size)

@@ -22,10 +22,11 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from phi3jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 GiB = 2**30
 
@@ -146,10 +147,7 @@ def topology_devices(target: Target) -> list[Any]:
                             f"this process has {len(devices)}; run it as a fresh process, or set "
                             f"XLA_FLAGS=--xla_force_host_platform_device_count={target.chips}")
         return devices[: target.chips]
-    # A compile-only client must not take libtpu's single-process lock: other JAX processes on
-    # this machine (tests, a second plan) would otherwise fail to start.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+    from pallas_kernels.aot import tpu_topology  # its import lets several processes load libtpu at once
 
     shape3 = (*target.shape, 1)[:3]
     host_bounds = tuple(min(s, 2) for s in shape3) if target.chip.dims == 3 else (
@@ -159,9 +157,8 @@ def topology_devices(target: Target) -> list[Any]:
     else:
         wrap = (all(s % 4 == 0 for s in shape3),) * 3
     try:
-        topo = topologies.get_topology_desc(
-            target.topology_name, "tpu", chip_config_name=target.chip.chip_config,
-            chips_per_host_bounds=host_bounds, num_slices=target.num_slices, wrap=wrap)
+        topo = tpu_topology(target.topology_name, chip_config_name=target.chip.chip_config,
+                            chips_per_host_bounds=host_bounds, num_slices=target.num_slices, wrap=wrap)
     except Exception as e:  # libtpu missing, or a topology it rejects
         raise PlanError(f"cannot describe the TPU topology {target.topology_name!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]}). The TPU compiler comes with `pip install libtpu`.") from e
@@ -179,7 +176,7 @@ class PlanInputs:
     seq: int | None = None
 
 
-def load_config(spec: str) -> PlanInputs:
+def plan_inputs(spec: str) -> PlanInputs:
     """--config: a preset name, a train.py YAML (its model, mesh, optim, batch_size, seq_len) or an HF config."""
     from phi3jax.config import PRESETS, Phi3Config
 
@@ -190,10 +187,9 @@ def load_config(spec: str) -> PlanInputs:
     if not os.path.isfile(spec):
         raise PlanError(f"--config {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), nor a YAML file, "
                         "nor a Hugging Face config.json / model directory")
-    from phi3jax.train.config import build_model_config, model_section
-    from phi3jax.train.config import load_config as load_train_config
+    from phi3jax.train.config import build_model_config, load_config, model_section
 
-    train = load_train_config(spec)  # train.py's own config: model, mesh, optim, batch_size, seq_len
+    train = load_config(spec)  # train.py's own config: model, mesh, optim, batch_size, seq_len
     preset, fields = model_section(train)
     return PlanInputs(build_model_config(preset, fields), preset or train.name, dataclasses.asdict(train.mesh),
                       dataclasses.asdict(train.optim), train.batch_size, train.seq_len)
@@ -284,19 +280,21 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
     import jax
     import jax.numpy as jnp
 
-    from phi3jax import sharding
-    from phi3jax.train.step import BATCH_KEYS, OptimConfig, make_optimizer
+    from phi3jax import parallel
+    from phi3jax.train import state as state_lib
+    from phi3jax.train.data import BATCH_KEYS
+    from phi3jax.train.step import OptimConfig, make_optimizer
 
     cfg = inputs.cfg.replace(**{k: v for k, v in (overrides or {}).items() if v is not None})
-    mesh_cfg = sharding.MeshConfig.from_dict({**inputs.mesh, **(mesh_override or {})})
+    mesh_cfg = parallel.MeshConfig.from_dict({**inputs.mesh, **(mesh_override or {})})
     devices = topology_devices(target)
-    mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+    mesh = parallel.make_mesh(mesh_cfg, devices=devices)
     shape = dict(mesh.shape)
-    sharding.check_model_fits_mesh(cfg, mesh)
+    parallel.check_model_fits_mesh(cfg, mesh)
     rows = shape["data"] * shape["fsdp"]
     batch = int(batch or inputs.batch or rows)
     seq = int(seq or inputs.seq or min(cfg.original_max_position_embeddings, cfg.max_position_embeddings))
-    sharding.check_batch_fits_mesh(batch, seq, mesh)
+    parallel.check_batch_fits_mesh(batch, seq, mesh)
     optim = OptimConfig(**{k: v for k, v in inputs.optim.items()
                            if k in {f.name for f in dataclasses.fields(OptimConfig)}})
     accum = int(accum_steps or optim.accum_steps)
@@ -305,11 +303,11 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
                         f"(mesh.data x mesh.fsdp = {rows})")
     optimizer = make_optimizer(optim, 1000)
 
-    state = sharding.abstract_state(cfg, mesh, optimizer)
-    batch_sharding = sharding.batch_sharding(mesh)
+    state = state_lib.abstract_state(cfg, mesh, optimizer)
+    batch_sharding = parallel.batch_sharding(mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                               sharding=batch_sharding) for k in BATCH_KEYS}
-    step = sharding.make_train_step(cfg, mesh, optimizer, accum_steps=accum)
+    step = state_lib.make_train_step(cfg, mesh, optimizer, accum_steps=accum)
     estimate = None
     if target.platform != "tpu" and devices[0].platform == "cpu":
         estimate = ("estimate from the XLA:CPU compiler on host devices: XLA:GPU fuses and schedules "
@@ -317,22 +315,20 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
     plan = Plan(model=inputs.name, num_params=cfg.num_params(), target=target.describe(),
                 platform=target.platform, estimate_note=estimate, devices=len(devices),
                 mesh=shape, batch=batch, seq=seq, accum_steps=accum, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                remat_policy=cfg.remat_policy, attention=_attention_for(cfg, mesh, devices[0]),
+                remat_policy=cfg.remat_policy, attention=_attention_for(cfg, mesh, seq),
                 compile_seconds=0.0, fits=False, hbm_bytes=target.chip.hbm_bytes,
-                params_bytes=sharding.sharded_bytes_per_device(state.params),
-                opt_state_bytes=sharding.sharded_bytes_per_device(state.opt_state),
-                batch_bytes=sharding.sharded_bytes_per_device(abstract_batch),
+                params_bytes=parallel.sharded_bytes_per_device(state.params),
+                opt_state_bytes=parallel.sharded_bytes_per_device(state.opt_state),
+                batch_bytes=parallel.sharded_bytes_per_device(abstract_batch),
                 peak_flops=target.chip.peak_bf16_flops)
-    # The target's device as the default one: attention_impl=auto then picks what it would pick
-    # on that hardware (the Pallas kernels on TPU), not what this CPU machine would run.
-    with jax.default_device(devices[0]):
-        plan.flops_total = matmul_flops(step.trace(state, abstract_batch).jaxpr)
+    # The mesh is made of the target's devices, so attention_impl=auto picks what that hardware
+    # runs (the Pallas kernels on TPU), not what this CPU machine would run.
+    plan.flops_total = matmul_flops(step.trace(state, abstract_batch).jaxpr)
     plan.flops_per_device = plan.flops_total / len(devices)
     plan.seconds_at_peak = plan.flops_per_device / target.chip.peak_bf16_flops
     start = time.perf_counter()
     try:
-        with jax.default_device(devices[0]):
-            compiled = step.lower(state, abstract_batch).compile()
+        compiled = step.lower(state, abstract_batch).compile()
     except Exception as e:  # the TPU compiler refuses programs that do not fit HBM
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
@@ -360,13 +356,13 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
     return plan
 
 
-def _attention_for(cfg: Any, mesh: Any, device: Any) -> str:
-    from phi3jax.attention import resolve_impl
+def _attention_for(cfg: Any, mesh: Any, seq: int) -> str:
+    """The attention backend the target runs for training, as the dispatcher decides it there."""
+    from phi3jax.ops import platform_of, select_backend
 
-    if mesh.shape["sequence"] > 1:
-        return "ring (XLA blocks)"
-    platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform
-    return resolve_impl(cfg.attention_impl, platform=platform)
+    choice = select_backend(cfg.attention_impl, "self", platform=platform_of(mesh), mesh=mesh, length=seq,
+                            has_segments=True, dtype=cfg.dtype)
+    return choice.backend
 
 
 # ------------------------------------------------------------------------------ report
@@ -439,17 +435,17 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: one per data shard)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the original context)")
     p.add_argument("--accum-steps", type=int, default=None, help="gradient-accumulation micro-batches")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--remat", default=None, help="remat policy: none, full, dots, dots_no_batch, attention_out")
-    p.add_argument("--attention", default=None, help="attention_impl: auto (what the target runs), xla, pallas, "
-                                                     "splash, cudnn")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype")
+    p.add_argument("--param-dtype", choices=DTYPES, default=None)
+    p.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="remat policy")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+                   help="attention_impl (default: the config's; auto is what the target runs)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from phi3jax.sharding import MeshConfig
+    from phi3jax.parallel import MeshConfig
 
     target = parse_target(args.target, args.num_slices)
     mesh = dataclasses.asdict(MeshConfig.parse(args.mesh)) if args.mesh else None
@@ -458,7 +454,7 @@ def run_plan(args: argparse.Namespace) -> int:
         mesh = {k: v for k, v in mesh.items() if k in given}
     if target.platform != "tpu":  # host devices stand in for GPUs when none are attached
         _ensure_host_devices(target.chips)
-    inputs = load_config(args.config)
+    inputs = plan_inputs(args.config)
     overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat,
                  "attention_impl": args.attention}
     plan = make_plan(inputs, target, mesh, args.batch, args.seq, args.accum_steps, overrides)
@@ -471,9 +467,3 @@ def _ensure_host_devices(n: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from phi3jax.cli import main
-
-    sys.exit(main(["plan", *sys.argv[1:]]))

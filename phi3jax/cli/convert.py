@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-DTYPES = ("bfloat16", "float16", "float32")
+from phi3jax.config import DTYPES
+from phi3jax.convert.gguf import QUANTS
 
 
 def add_cli(subparsers: Any) -> None:
@@ -44,7 +43,7 @@ def add_cli(subparsers: Any) -> None:
     src.add_argument("--ckpt", help="a run directory (its latest step) or a step directory")
     src.add_argument("--hf-dir", help="a Hugging Face directory")
     g.add_argument("--out", required=True, help="the .gguf file to create")
-    g.add_argument("--quant", choices=("f32", "f16", "q8_0", "q4_0"), default="f16",
+    g.add_argument("--quant", choices=QUANTS, default="f16",
                    help="weight type of the 2-D tensors (norms stay float32; default f16)")
     _common(g)
     g.set_defaults(func=_run_to_gguf)
@@ -86,9 +85,3 @@ def _run_to_gguf(args: argparse.Namespace) -> int:
                    progress=args.progress)
     print(f"wrote {path} ({os.path.getsize(path) / 2**30:.2f} GiB, {args.quant})")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from phi3jax.cli import main as phi3jax_main
-
-    return phi3jax_main(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -32,7 +32,7 @@ from phi3jax.tokenizer import CHAT_ROLES, Tokenizer
 
 CHAT_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 ARRAY_RECORD_EXTENSIONS = (".array_record", ".arrayrecord")
-ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 class DataError(ValueError):
@@ -292,7 +292,7 @@ class _PackIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         t = self._seq_len
-        row = {k: np.zeros(t, np.float32 if k == "loss_mask" else np.int32) for k in ROW_KEYS}
+        row = {k: np.zeros(t, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
         pos, segment = 0, 0
         while pos < t:
             if self._doc is None and not self._fetch():
@@ -393,12 +393,12 @@ def eval_batches(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer,
     n_batches = -(-len(rows) // per_batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    pad = {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in ROW_KEYS}
+    pad = {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
     rows = (rows + [pad] * (n_batches * per_batch - len(rows)))[: n_batches * per_batch]
     batches = []
     for b in range(n_batches):
         chunk = rows[b * per_batch: (b + 1) * per_batch][process_index::process_count]
-        batches.append({k: np.stack([r[k] for r in chunk]) for k in ROW_KEYS})
+        batches.append({k: np.stack([r[k] for r in chunk]) for k in BATCH_KEYS})
     return batches
 
 

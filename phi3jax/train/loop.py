@@ -1,0 +1,442 @@
+"""The training loop behind `train.py`: config -> data -> model -> steps -> checkpoints -> report.
+
+    result = train(load_config("configs/tiny.yaml", ["steps=50"]))
+
+A run directory that already holds checkpoints is resumed: parameters, optimiser state, step,
+RNG and the data iterator's position are restored, so the resumed run logs the same losses, bit
+for bit, as one that never stopped. SIGTERM (a TPU preemption notice) saves and exits cleanly.
+
+Scale-out: the mesh comes from the `mesh:` section (`phi3jax.parallel`; docs/scaling.md). The
+state is created, loaded or restored directly in its sharded layout, every step and evaluation
+runs over the mesh, and each process feeds only its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi3jax import parallel
+from phi3jax.config import RUNTIME_FIELDS, Phi3Config
+from phi3jax.inference.generate import generate, stop_tokens
+from phi3jax.model import param_shardings
+from phi3jax.tokenizer import Tokenizer
+from phi3jax.train import baselines
+from phi3jax.train import checkpoint as ckpt
+from phi3jax.train import data as data_lib
+from phi3jax.train import metrics as metrics_lib
+from phi3jax.train import state as state_lib
+from phi3jax.train.config import TrainConfig, TrainConfigError, build_model_config, model_section
+from phi3jax.train.step import TrainState, learning_rate_schedule, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    status: str  # "completed" | "preempted"
+    val_loss: float | None = None
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+    sample: str | None = None
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds between its set-up and its end."""
+
+    cfg: TrainConfig
+    run_dir: str
+    resuming: bool
+    mesh: Any
+    model_cfg: Phi3Config
+    tokenizer: Tokenizer
+    data_iter: Any
+    val_batches: list[dict[str, np.ndarray]]
+    manager: Any  # orbax CheckpointManager
+    state: TrainState
+    step_fn: Any
+    eval_fn: Any
+    rng: jax.Array
+    base_rng: jax.Array
+    tokens_seen: int
+    start_step: int
+    baselines: dict[str, float]
+    logger: metrics_lib.MetricsLogger
+
+    @property
+    def primary(self) -> bool:
+        return jax.process_index() == 0
+
+    def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return parallel.put_batch(local, self.mesh, self.cfg.batch_size)
+
+    def evaluate(self) -> tuple[float, float] | None:
+        """(mean validation loss, validation tokens), or None without a validation split."""
+        total = count = 0.0
+        for batch in self.val_batches:
+            t, c = self.eval_fn(self.state.params, self.put_batch(batch))
+            total, count = total + float(t), count + float(c)
+        return (total / count, count) if count else None
+
+    def save(self, step: int, force: bool = False) -> None:
+        key_data = np.asarray(jax.random.key_data(self.rng)).tolist()
+        ckpt.save_train_state(self.manager, step, self.state.params, self.state.opt_state, self.data_iter,
+                              {"step": step, "rng": key_data, "tokens_seen": self.tokens_seen,
+                               "process_count": jax.process_count()}, force=force)
+
+
+# ----------------------------------------------------------------------------- set-up
+def _mesh_for(cfg: TrainConfig) -> Any:
+    """The device mesh of the `mesh:` section, checked against the batch and the processes."""
+    mesh = parallel.make_mesh(cfg.mesh)
+    parallel.check_batch_fits_mesh(cfg.batch_size, cfg.seq_len, mesh)
+    rows = parallel.process_batch_rows(mesh, cfg.batch_size)
+    if len(rows) * jax.process_count() != cfg.batch_size:
+        raise TrainConfigError(
+            f"mesh {parallel.describe_mesh(mesh)}: each process must hold its own share of the batch, "
+            f"but this one's devices hold {len(rows)} of {cfg.batch_size} rows; keep mesh.tensor x "
+            "mesh.sequence within one host's devices so the batch axes (data, fsdp) span the hosts")
+    return mesh
+
+
+def _doc_text(doc: Any) -> str:
+    return doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
+
+
+def _check_model_overrides(cfg: TrainConfig, base: Phi3Config, where: str) -> Phi3Config:
+    """`base` with the model section's runtime fields; an architecture field that differs is an error."""
+    _, fields = model_section(cfg)
+    for key, value in fields.items():
+        changed = getattr(build_model_config(None, {key: value}, base), key) != getattr(base, key)
+        if key not in RUNTIME_FIELDS and changed:
+            raise TrainConfigError(f"model.{key}={value!r} differs from {where} ({getattr(base, key)!r}); the "
+                                   f"architecture comes from there, only {RUNTIME_FIELDS} can be changed")
+    return build_model_config(None, {k: v for k, v in fields.items() if k in RUNTIME_FIELDS}, base)
+
+
+def _load_init_source(spec: str, param_dtype: str | None, mesh: Any) -> tuple[Phi3Config, Any, str]:
+    """(config, params, tokenizer location) of init_from=hf:DIR | ckpt:PATH, each device's shards
+    read straight onto it."""
+    kind, _, where = spec.partition(":")
+    if kind == "hf":
+        from phi3jax.convert.hf import load_hf
+
+        cfg, params = load_hf(where, dtype=param_dtype, mesh=mesh)
+        return cfg, params, where
+    run_dir, step = ckpt.resolve_checkpoint(where)
+    cfg = ckpt.model_config(run_dir)
+    if param_dtype:
+        cfg = cfg.replace(param_dtype=param_dtype)
+    return cfg, ckpt.restore_params(run_dir, step, cfg, shardings=param_shardings(cfg, mesh)), run_dir
+
+
+def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: Callable[[], Any], mesh: Any
+                   ) -> tuple[Phi3Config, Tokenizer, Any]:
+    """(model config, tokenizer, initial params or None) for a new or resumed run."""
+    primary = jax.process_index() == 0
+    preset, fields = model_section(cfg)
+    if resuming:
+        saved = ckpt.model_config(run_dir)
+        return _check_model_overrides(cfg, saved, f"the run being resumed ({run_dir})"), Tokenizer.load(run_dir), None
+    if cfg.init_from is not None:
+        source_cfg, params, tok_source = _load_init_source(cfg.init_from, fields.get("param_dtype"), mesh)
+        if primary:
+            ckpt.copy_tokenizer_files(tok_source, run_dir)
+        return _check_model_overrides(cfg, source_cfg, cfg.init_from), Tokenizer.load(tok_source), params
+    tok_path = os.path.join(run_dir, ckpt.TOKENIZER_FILE)
+    if cfg.data.tokenizer is not None:
+        tokenizer = Tokenizer.load(cfg.data.tokenizer)
+        if primary:
+            ckpt.copy_tokenizer_files(cfg.data.tokenizer, run_dir)
+    elif os.path.isfile(tok_path):  # a run that stopped before its first checkpoint
+        tokenizer = Tokenizer.load(run_dir)
+    else:
+        target = tok_path if primary else os.path.join(run_dir, f".tokenizer.{os.getpid()}.model")
+        tokenizer = data_lib.train_sentencepiece(train_texts(), cfg.data.vocab_size, target)
+    derived = {"bos_token_id": tokenizer.bos_id, "eos_token_id": (tokenizer.eos_id,), "pad_token_id": tokenizer.pad_id}
+    if "vocab_size" not in fields:
+        derived["vocab_size"] = tokenizer.vocab_size
+    model_cfg = build_model_config(preset, {**derived, **fields})
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise TrainConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                               f"{tokenizer.vocab_size} tokens; drop model.vocab_size to follow the tokenizer")
+    return model_cfg, tokenizer, None
+
+
+def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config) -> dict[str, Any]:
+    out = cfg.to_dict()
+    preset, _ = model_section(cfg)
+    out["model"] = {"preset": preset, **ckpt.model_fields(model_cfg)}
+    return out
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Data, tokenizer, model and train state of a new or resumed run, placed on its mesh."""
+    parallel.initialize_distributed(cfg.distributed)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    if cfg.batch_size % process_count:
+        raise TrainConfigError(f"batch_size={cfg.batch_size} must be divisible by the {process_count} processes")
+    run_dir = os.path.abspath(cfg.resolved_run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    steps = ckpt.list_steps(run_dir)
+    resuming = bool(steps)
+    if resuming and not os.path.isdir(os.path.join(run_dir, ckpt.CHECKPOINTS, str(steps[-1]), "opt_state")):
+        raise TrainConfigError(f"run_dir={run_dir} holds a params-only checkpoint (a converted model); train from "
+                               f"it with init_from=ckpt:{run_dir} and a new run_dir")
+
+    d = cfg.data
+    docs = data_lib.read_documents(d.path, d.format, d.text_key, d.doc_separator)
+    if d.val_path is not None:
+        val_docs = data_lib.read_documents(d.val_path, d.format, d.text_key, d.doc_separator)
+        train_idx, val_idx = np.arange(len(docs)), np.arange(len(val_docs))
+    else:
+        train_idx, val_idx = data_lib.split_train_val(docs, d.val_fraction, cfg.data_seed)
+        val_docs = docs
+    mesh = _mesh_for(cfg)
+    model_cfg, tokenizer, init = _resolve_model(cfg, run_dir, resuming,
+                                                lambda: (_doc_text(docs[int(i)]) for i in train_idx), mesh)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                               f"{model_cfg.vocab_size}; use the model's own tokenizer")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise TrainConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                               f"{model_cfg.max_position_embeddings}; lower seq_len")
+    if process_index == 0:
+        ckpt.write_yaml(os.path.join(run_dir, ckpt.CONFIG_FILE), resolved_config(cfg, model_cfg))
+
+    split_documents = d.split_documents if d.split_documents is not None else d.format != "chat"
+    common = dict(seq_len=cfg.seq_len, local_batch=cfg.batch_size // process_count, split_documents=split_documents,
+                  add_bos=d.add_bos, add_eos=d.add_eos, process_index=process_index, process_count=process_count)
+    data_iter = iter(data_lib.train_batches(docs, train_idx, tokenizer, seed=cfg.data_seed, shuffle=d.shuffle,
+                                            **common))
+    val_batches = data_lib.eval_batches(val_docs, val_idx, tokenizer, max_batches=cfg.log.eval_batches, **common)
+
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    shardings = state_lib.state_shardings(model_cfg, mesh, optimizer)
+    manager = ckpt.checkpoint_manager(run_dir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+    base_rng = jax.random.key(cfg.seed)
+    meta: dict[str, Any] = {}
+    if resuming:  # onto this run's mesh, whichever mesh saved it
+        abstract = state_lib.abstract_state(model_cfg, mesh, optimizer)
+        params, opt_state, meta = ckpt.restore_train_state(manager, manager.latest_step(), abstract.params,
+                                                           abstract.opt_state, data_iter)
+    elif init is not None:
+        params = jax.tree.map(lambda x: x.astype(model_cfg.param_dtype), init)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    else:  # created sharded: no device ever holds the whole model
+        fresh = state_lib.sharded_init(model_cfg, mesh, optimizer, base_rng)
+        params, opt_state = fresh.params, fresh.opt_state
+    start_step = int(meta.get("step", 0))
+    rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)) if "rng" in meta else base_rng
+    logger = metrics_lib.MetricsLogger(run_dir, total_steps=cfg.steps, start_step=start_step,
+                                       primary=process_index == 0, tensorboard=cfg.log.tensorboard,
+                                       progress_bar=cfg.log.progress_bar)
+    base = _baselines(cfg, docs, train_idx, val_batches, tokenizer, model_cfg) if process_index == 0 else {}
+    return Run(cfg=cfg, run_dir=run_dir, resuming=resuming, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
+               data_iter=data_iter, val_batches=val_batches, manager=manager,
+               state=state_lib.state_at_step(params, opt_state, start_step, mesh),
+               step_fn=state_lib.make_train_step(model_cfg, mesh, optimizer, accum_steps=cfg.optim.accum_steps),
+               eval_fn=state_lib.make_eval_step(model_cfg, mesh), rng=rng, base_rng=base_rng,
+               tokens_seen=int(meta.get("tokens_seen", 0)), start_step=start_step, baselines=base, logger=logger)
+
+
+# ----------------------------------------------------------------------------- the steps
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _announce(run: Run) -> None:
+    cfg, model_cfg = run.cfg, run.model_cfg
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
+    processes = jax.process_count()
+    run.logger.print(
+        f"run_dir {run.run_dir} | {'resuming at step ' + str(run.start_step) if run.resuming else 'new run'} | "
+        f"model {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size} | {cfg.batch_size} x {cfg.seq_len} tokens "
+        f"per step on {jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
+        f"{parallel.describe_mesh(run.mesh)}" + (f", {processes} processes" if processes > 1 else ""))
+    if run.baselines:
+        run.logger.print("baselines on the validation tokens: " +
+                         ", ".join(f"{k} {v:.4f}" for k, v in run.baselines.items()))
+
+
+def run_steps(run: Run, on_step: Callable[[int, Run], Any] | None = None) -> str:
+    """Train from run.start_step to cfg.steps; "completed", or "preempted" after a SIGTERM save.
+
+    on_step(step, run) is called after each step's logging, evaluation and checkpoint (a save may
+    still be in flight): a hook for callers that watch a run.
+    """
+    cfg, logger = run.cfg, run.logger
+    schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+    flops_per_token = metrics_lib.train_flops_per_token(run.model_cfg, cfg.seq_len)
+    peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops
+            else metrics_lib.device_peak_flops(dtype=run.model_cfg.dtype))
+    peak_total = peak * jax.device_count() if peak else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last_saved = run.start_step if run.resuming else -1
+    window_time, window_steps = 0.0, 0
+    with _Preemption() as preemption:
+        for step in range(run.start_step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            run.state, out = run.step_fn(run.state, run.put_batch(next(run.data_iter)))
+            loss = float(out["loss"])
+            window_time += time.perf_counter() - t0
+            window_steps += 1
+            if not math.isfinite(loss):
+                run.manager.wait_until_finished()
+                good = run.manager.latest_step()
+                where = (f"the last good checkpoint is step {good} in {os.path.join(run.run_dir, ckpt.CHECKPOINTS)}"
+                         if good is not None else "no checkpoint was saved yet")
+                raise TrainingDiverged(f"loss is {loss} at step {step}: training diverged, stopping. {where} (left "
+                                       "intact; rerunning resumes from it). Lower optim.learning_rate, raise "
+                                       "optim.warmup_steps or check the data.")
+            run.rng = jax.random.fold_in(run.base_rng, step)
+            run.tokens_seen += tokens_per_step
+            logger.advance(step, loss)
+            if step % cfg.log.every == 0 or step == cfg.steps:
+                tps = window_steps * tokens_per_step / max(window_time, 1e-9)
+                logger.log(step, "train", {
+                    "loss": loss, "grad_norm": float(out["grad_norm"]), "lr": float(schedule(step - 1)),
+                    "tokens": int(out["tokens"]), "tokens_per_s": round(tps, 1),
+                    "mfu": round(flops_per_token * tps / peak_total, 4) if peak_total else None})
+                window_time, window_steps = 0.0, 0
+            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.steps:
+                result = run.evaluate()
+                if result is not None:
+                    logger.log(step, "val", {"loss": result[0], "ppl": math.exp(min(result[0], 50.0))})
+            if (step % cfg.save_every == 0 or step == cfg.steps) and step != last_saved:
+                run.save(step)
+                last_saved = step
+            if on_step is not None:
+                on_step(step, run)
+            if preemption.requested:
+                if step != last_saved:
+                    run.save(step, force=True)
+                run.manager.wait_until_finished()
+                logger.print(f"SIGTERM: saved step {step} to {run.run_dir}; exiting (rerun the same command to resume)")
+                return "preempted"
+    run.manager.wait_until_finished()
+    return "completed"
+
+
+# ----------------------------------------------------------------------------- the end
+def _finish(run: Run, status: str, seconds: float) -> TrainResult:
+    cfg = run.cfg
+    final_step = int(run.state.step)
+    val_loss = sample = None
+    if status == "completed":
+        result = run.evaluate()
+        if result is not None:
+            val_loss = result[0]
+            if run.primary and final_step > run.start_step:
+                with open(os.path.join(run.run_dir, metrics_lib.METRICS_FILE), "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": final_step, "split": "val", "loss": val_loss,
+                                        "ppl": math.exp(min(val_loss, 50.0))}) + "\n")
+            if run.primary:
+                _report(val_loss, result[1], run.baselines)
+        if run.primary and cfg.log.plot:
+            metrics_lib.plot_losses(run.run_dir)
+        if cfg.log.sample_prompt and jax.process_count() > 1:
+            run.logger.print("sample skipped: generating from parameters spread over several processes is not "
+                             "supported; `phi3jax generate --ckpt` the run instead")
+        elif cfg.log.sample_prompt:
+            chat = cfg.data.format == "chat"
+            sample = _sample(run.state.params, run.model_cfg, run.tokenizer, cfg, chat)
+            if run.primary:
+                shown = (f"<|user|> {cfg.log.sample_prompt}\n<|assistant|> {sample}" if chat
+                         else f"{cfg.log.sample_prompt}{sample}")
+                print(f"sample ({cfg.log.sample_tokens} tokens, temperature 0.8, top-k 40):\n{shown}", flush=True)
+    seconds = time.perf_counter() - seconds
+    if run.primary:
+        print(f"{status} at step {final_step} in {seconds:.1f}s; checkpoints in "
+              f"{os.path.join(run.run_dir, ckpt.CHECKPOINTS)}", flush=True)
+    return TrainResult(run.run_dir, final_step, status, val_loss, run.baselines, sample, seconds)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, Run], Any] | None = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg` (see `run_steps` for `on_step`)."""
+    start = time.perf_counter()
+    run = setup(cfg)
+    try:
+        _announce(run)
+        status = run_steps(run, on_step)
+    finally:
+        run.manager.close()
+        run.logger.close()
+    return _finish(run, status, start)
+
+
+def _baselines(cfg: TrainConfig, docs: Any, train_idx: np.ndarray, val_batches: list[dict[str, np.ndarray]],
+               tokenizer: Tokenizer, model_cfg: Phi3Config) -> dict[str, float]:
+    if not cfg.log.baselines or not val_batches:
+        return {}
+    mask = np.concatenate([b["loss_mask"].ravel() for b in val_batches]) > 0
+    vx = np.concatenate([b["inputs"].ravel() for b in val_batches])[mask]
+    vy = np.concatenate([b["targets"].ravel() for b in val_batches])[mask]
+    tx, ty = data_lib.document_pairs(docs, train_idx, tokenizer, cfg.data.add_bos, cfg.data.add_eos)
+    if not len(vy) or not len(ty):
+        return {}
+    v = model_cfg.vocab_size
+    return {"unigram": baselines.unigram_cross_entropy(ty, vy, v),
+            "bigram": baselines.bigram_cross_entropy(tx, ty, vx, vy, v)}
+
+
+def _report(val_loss: float, count: float, base: dict[str, float]) -> None:
+    lines = [f"validation ({int(count)} tokens, nats/token):",
+             f"  model    loss {val_loss:.4f}   perplexity {math.exp(min(val_loss, 50.0)):.2f}"]
+    for name, value in base.items():
+        lines.append(f"  {name:<8} loss {value:.4f}   perplexity {math.exp(value):.2f}")
+    if "bigram" in base:
+        verdict = "below" if val_loss < base["bigram"] else "NOT below"
+        lines.append(f"  the model is {verdict} the bigram baseline ({val_loss - base['bigram']:+.4f})")
+    print("\n".join(lines), flush=True)
+
+
+def _sample(params: Any, model_cfg: Phi3Config, tokenizer: Tokenizer, cfg: TrainConfig, chat: bool) -> str:
+    prompt = cfg.log.sample_prompt
+    if chat:
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    else:
+        ids = tokenizer.encode(prompt, add_bos=True)
+    room = model_cfg.max_position_embeddings - len(ids)
+    if room < 1:
+        return ""
+    stops = stop_tokens(model_cfg, tokenizer)
+    out = generate(params, model_cfg, [ids], max_new_tokens=min(cfg.log.sample_tokens, room), temperature=0.8,
+                   top_k=40, seed=cfg.seed, stop_tokens=stops)
+    new = [t for t in out.to_lists()[0] if t not in stops]
+    # Decode with the prompt so the first new piece keeps its leading space.
+    head = tokenizer.decode(ids, skip_special=True)
+    return tokenizer.decode(ids + new, skip_special=True)[len(head):]

@@ -1,0 +1,92 @@
+"""The train state on a mesh: where every leaf lives, how it is born sharded, and the jitted steps.
+
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    state = sharded_init(cfg, mesh, optimizer, rng)         # born sharded, never whole
+    step = make_train_step(cfg, mesh, optimizer)
+    state, metrics = step(state, put_batch(batch, mesh))
+
+The shardings come from the model's logical axis names and the rules of `phi3jax.parallel`;
+the mesh is passed to the model explicitly, so nothing depends on an ambient mesh context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from phi3jax.config import Phi3Config
+from phi3jax.model import Params, Phi3, abstract_params, param_shardings
+from phi3jax.parallel import batch_sharding
+from phi3jax.train.step import TrainState, init_train_state, loss_sums, train_step
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation) -> TrainState:
+    """TrainState of shardings: parameters by the rules, optimiser moments like their parameters,
+    scalars (step, counts) replicated."""
+    p_shard = param_shardings(cfg, mesh)
+    abstract = jax.eval_shape(optimizer.init, abstract_params(cfg))
+    opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract, p_shard,
+                                      transform_non_params=lambda _: replicated(mesh))
+    return TrainState(step=replicated(mesh), params=p_shard, opt_state=opt_shard)
+
+
+def abstract_state(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the whole train state: what an ahead-of-time compile
+    lowers on, and the target of a restore onto `mesh`."""
+    shapes = jax.eval_shape(lambda params: init_train_state(params, optimizer), abstract_params(cfg))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, state_shardings(cfg, mesh, optimizer))
+
+
+def sharded_init(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
+                 rng: jax.Array | int = 0) -> TrainState:
+    """A TrainState whose params and optimiser state are created directly in their sharded layout.
+
+    One jit with out_shardings: XLA partitions the initialisers, so each device computes only
+    its own shards (threefry is partitionable, so the values do not depend on the mesh).
+    """
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+
+    def init(rng: jax.Array) -> TrainState:
+        boxed = Phi3(cfg).init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32))
+        return init_train_state(nn.meta.unbox(boxed["params"]), optimizer)
+
+    return jax.jit(init, out_shardings=state_shardings(cfg, mesh, optimizer))(rng)
+
+
+def state_at_step(params: Params, opt_state: Any, step: int, mesh: Mesh) -> TrainState:
+    """A TrainState from placed parameters and optimiser state, its step counter replicated on `mesh`."""
+    step0 = jax.make_array_from_callback((), replicated(mesh), lambda _: np.asarray(step, np.int32))
+    return TrainState(step=step0, params=params, opt_state=opt_state)
+
+
+def make_train_step(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
+                    accum_steps: int = 1, donate: bool = True) -> Any:
+    """`state, metrics = step(state, batch)` over `mesh`: the state's and the batch's shardings
+    fixed, the state donated (updated in place). `.lower(...)` takes ShapeDtypeStructs too (an
+    ahead-of-time compile for a topology that is not attached)."""
+    shardings = state_shardings(cfg, mesh, optimizer)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        return train_step(state, batch, cfg, optimizer, accum_steps, mesh)
+
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(cfg: Phi3Config, mesh: Mesh) -> Any:
+    """`(nll_sum, count) = eval_step(params, batch)` over `mesh`."""
+    return jax.jit(lambda params, batch: loss_sums(params, cfg, batch, mesh),
+                   in_shardings=(param_shardings(cfg, mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))

@@ -38,7 +38,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from phi3jax import rope
 from phi3jax.config import Phi3Config
-from phi3jax.ops import KVCache, attention, decode_attention
+from phi3jax.ops.attention import attention, decode_attention
+from phi3jax.ops.kv_cache import KVCache
 from phi3jax.parallel import axes as ax
 from phi3jax.parallel import check_model_fits_mesh
 from phi3jax.parallel.axes import constrain, rules_for, tree_shardings

@@ -9,18 +9,12 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import json  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
 
-from phi3jax import model  # noqa: E402
+from phi3jax import model, parallel  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
-
-# data x fsdp x tensor = 2 x 2 x 2; batch over (data, fsdp), heads over tensor.
-RULES = (("batch", ("data", "fsdp")), ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("heads", "tensor"),
-         ("kv_heads", "tensor"), ("mlp", "tensor"), ("act_mlp", "tensor"), ("embed", "fsdp"), ("vocab", "tensor"))
 
 
 def main() -> None:
@@ -33,19 +27,17 @@ def main() -> None:
     tokens = jax.random.randint(jax.random.key(1), (4, 40), 0, 256)
     segments = jnp.asarray(np.repeat([[1] * 25 + [2] * 15], 4, axis=0), jnp.int32)
 
-    def loss(params, cfg):
-        logits = model._forward(params, cfg, tokens, None, segments, None)
+    def loss(params, cfg, mesh):
+        logits = model.logits_fn(params, cfg, tokens, segment_ids=segments, mesh=mesh)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
 
-    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    (loss_x, logits_x), grads_x = grad_fn(params, cfg)
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+    (loss_x, logits_x), grads_x = grad_fn(params, cfg, None)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})  # batch over (data, fsdp), heads over tensor
     pallas = cfg.replace(attention_impl="pallas")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        shardings = nn.logical_to_mesh_sharding(model.param_logical_axes(cfg), mesh, RULES)
-        sharded = jax.device_put(params, shardings)
-        (loss_p, logits_p), grads_p = grad_fn(sharded, pallas)
-        jaxpr = str(jax.make_jaxpr(lambda p: loss(p, pallas))(sharded))
+    sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
+    (loss_p, logits_p), grads_p = grad_fn(sharded, pallas, mesh)
+    jaxpr = str(jax.make_jaxpr(lambda p: loss(p, pallas, mesh))(sharded))
     grad_err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                    for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_x), strict=True))
     print(json.dumps({

@@ -157,10 +157,10 @@ def mode_meshes(out: str, npz: str) -> None:
 def mode_ring(out: str) -> None:
     import jax
     import jax.numpy as jnp
-
-    from phi3jax import sharding
     from phi3jax.attention import xla_attention
     from phi3jax.ring_attention import ring_attention
+
+    from phi3jax import sharding
 
     rng = np.random.default_rng(1)
     b, t = 2, 32

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from phi3jax.data import DataError
 
 from phi3jax import data
-from phi3jax.data import DataError
 
 
 @pytest.fixture(scope="module")

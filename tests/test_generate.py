@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from phi3jax import generate, load_hf
 from phi3jax.config import Phi3Config
-from phi3jax.generate import greedy_tokens, inference_params
-from phi3jax.model import abstract_params, count_params, inference_layout, is_inference_layout
-from tests.conftest import BASE_HF_CONFIG, longrope_parameters, make_hf_model
+from phi3jax.inference import generate as gen
+from phi3jax.inference.generate import inference_params
+from phi3jax.inference.sampling import SamplingParams, greedy_tokens
+from phi3jax.model import abstract_params, count_params, layers_stacked, unstack_layers
+from tests.conftest import BASE_HF_CONFIG, longrope_parameters, make_hf_dir, make_hf_model
 
 EOS = 2
 
@@ -27,6 +26,8 @@ def hf_greedy(hf, prompts, max_new_tokens, eos=EOS):
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = p
         mask[row, width - len(p):] = 1
+    import torch
+
     with torch.no_grad():
         out = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
                           max_new_tokens=max_new_tokens, eos_token_id=[eos], pad_token_id=0)
@@ -43,6 +44,7 @@ def longrope_model(tmp_path_factory):
     return hf, cfg, params
 
 
+@pytest.mark.torch
 def test_greedy_batch_of_different_lengths_crossing_the_longrope_switch_matches_hf(longrope_model):
     hf, cfg, params = longrope_model
     rs = np.random.RandomState(0)
@@ -54,6 +56,7 @@ def test_greedy_batch_of_different_lengths_crossing_the_longrope_switch_matches_
     np.testing.assert_array_equal(ours.tokens, expected)
 
 
+@pytest.mark.torch
 def test_greedy_prompt_already_past_the_switch_matches_hf(longrope_model):
     hf, cfg, params = longrope_model
     prompts = [np.random.RandomState(1).randint(3, cfg.vocab_size, 70).tolist()]
@@ -61,6 +64,7 @@ def test_greedy_prompt_already_past_the_switch_matches_hf(longrope_model):
                                   hf_greedy(hf, prompts, 32))
 
 
+@pytest.mark.torch
 def test_greedy_plain_model_matches_hf_for_48_tokens(tmp_path):
     hf = make_hf_model(tmp_path, seed=3)
     cfg, params = load_hf(tmp_path)
@@ -72,7 +76,7 @@ def test_greedy_plain_model_matches_hf_for_48_tokens(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
-    make_hf_model(directory, seed=1)
+    make_hf_dir(directory, seed=1)
     return load_hf(directory)
 
 
@@ -142,33 +146,41 @@ def test_bad_generate_arguments_are_clear_errors(tiny):
         generate(params, cfg, [[1, 2]], max_new_tokens=4, temperature=1.0, top_p=0.0)
 
 
+@pytest.mark.torch
 def test_inference_params_made_once_match_hf_and_free_the_stacked_copy(longrope_model):
-    """GQA (k/v fused, q apart) through the LongRoPE re-prefill, from params converted once with donation."""
+    """GQA (q and kv) through the LongRoPE re-prefill, from per-layer params converted once with donation."""
     hf, cfg, params = longrope_model
     stacked = jax.tree.map(jnp.copy, params)
-    prepared = inference_params(stacked, cfg, donate=True)
-    if jax.default_backend() == "cpu":
-        assert is_inference_layout(prepared) and "kv" in prepared["layers_0"]["attn"]
-        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(stacked["layers"]))
-        assert count_params(prepared) == count_params(params)  # no weight kept twice
+    prepared = inference_params(stacked, donate=True)
+    assert not layers_stacked(prepared) and "kv" in prepared["layers_0"]["attn"]
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(stacked["layers"]))
+    assert count_params(prepared) == count_params(params)  # no weight kept twice
     prompts = [np.random.RandomState(4).randint(3, cfg.vocab_size, n).tolist() for n in (40, 21)]  # no early EOS
     np.testing.assert_array_equal(generate(prepared, cfg, prompts, max_new_tokens=36, stop_tokens=[EOS]).tokens,
                                   hf_greedy(hf, prompts, 36))
-    assert inference_params(prepared, cfg) is prepared  # converting twice is free
+    assert inference_params(prepared) is prepared  # converting twice is free
+
+
+def test_stacked_and_per_layer_params_generate_the_same_tokens(tiny):
+    cfg, params = tiny
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    stacked = generate(params, cfg, prompts, max_new_tokens=10, stop_tokens=[])
+    per_layer = generate(inference_params(params), cfg, prompts, max_new_tokens=10, stop_tokens=[])
+    np.testing.assert_array_equal(stacked.tokens, per_layer.tokens)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_cpu_decode_program_keeps_no_second_copy_of_the_weights(kv_heads):
-    """XLA hoists loop-invariant work out of the decode loop: stacking q/k/v and gate/up inside it would
-    become a copy of ~70% of the layer weights. The inference layout stores them stacked, so the decode
-    program's scratch memory stays a small fraction of the weights (compiled, not run: any size is cheap)."""
+def test_decode_program_keeps_no_second_copy_of_the_weights(kv_heads):
+    """XLA hoists loop-invariant work out of the decode loop: any re-layout of the weights inside it
+    (stacking q/k/v, transposing) would become a copy of the layer weights. The one parameter layout
+    stores every weight as its matmul reads it, so the decode program's scratch memory stays a small
+    fraction of the weights (compiled, not run: any size is cheap)."""
     cfg = Phi3Config.from_hf(dict(BASE_HF_CONFIG, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
                                   num_key_value_heads=kv_heads))
-    prepared = jax.eval_shape(lambda p: inference_layout(p, cfg), abstract_params(cfg))
+    prepared = jax.eval_shape(unstack_layers, abstract_params(cfg))
     layer_bytes = sum(x.size * x.dtype.itemsize for k, v in prepared.items() if k.startswith("layers_")
                       for x in jax.tree.leaves(v))
-    gen = importlib.import_module("phi3jax.generate")
-    static = dict(sampling=gen.SamplingParams(), pad_id=0, unrolled=True)
+    static = dict(sampling=SamplingParams(), pad_id=0, mesh=None)
     state = jax.eval_shape(lambda p: gen._prefill(p, cfg, jnp.zeros((1, 128), jnp.int32), jnp.array([32]),
                                                   jax.random.key(0), jnp.array([EOS]), jnp.int32(64),
                                                   prompt_width=64, **static), prepared)

@@ -7,7 +7,8 @@ forward + backward, the prefill-into-cache call, the decode kernel, and the mode
 step with attention_impl=pallas. Mosaic rejects shapes and layouts the interpreter accepts
 (see the first test), so this is the check that the kernels would run on a TPU.
 
-GPU: `jax.export(..., platforms=["cuda"])` runs the Pallas -> Triton lowering on CPU.
+GPU: `export_for_cuda` (`jax.export(..., platforms=["cuda"])` for an abstract GPU device) runs
+the Pallas -> Triton lowering of the same variants on CPU.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import export
 
 from pallas_kernels import decode_attention, flash_attention
-from pallas_kernels.aot import TOPOLOGIES, compile_for_tpu, cost, libtpu_available
+from pallas_kernels.aot import TOPOLOGIES, compile_for_tpu, cost, export_for_cuda, libtpu_available, triton_calls
 from phi3jax.config import Phi3Config
 
 needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install -e .[dev])")
@@ -33,9 +33,10 @@ PRESETS = {
 SEQ = 1024
 
 
-def _flash_grad_fn(window, segments):
+def _flash_grad_fn(window, segments, backend=None):
     def loss(q, k, v, seg):
-        out = flash_attention(q, k, v, q_segment_ids=seg if segments else None, causal=True, sliding_window=window)
+        out = flash_attention(q, k, v, q_segment_ids=seg if segments else None, causal=True, sliding_window=window,
+                              backend=backend)
         return out.astype(jnp.float32).sum()
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2))
@@ -97,14 +98,15 @@ def test_flash_forward_backward_compiles_for_tpu_all(topology, preset, dtype, se
     _check_flash_compiles(topology, preset, dtype, segments)
 
 
-def _decode_fn(window):
-    return lambda q, k, v, lengths: decode_attention(q, k, v, lengths, sliding_window=window)
+def _decode_fn(window, backend=None):
+    return lambda q, k, v, lengths: decode_attention(q, k, v, lengths, sliding_window=window, backend=backend)
 
 
 def _decode_args(preset, dtype, batch=4, cache=2048):
+    """q [B, H, D]; the heads-major caches [B, KV, S, D]; lengths [B]."""
     h, kv, d, _ = PRESETS[preset]
-    return [jax.ShapeDtypeStruct((batch, h, d), dtype), jax.ShapeDtypeStruct((batch, cache, kv, d), dtype),
-            jax.ShapeDtypeStruct((batch, cache, kv, d), dtype), jax.ShapeDtypeStruct((batch,), jnp.int32)]
+    return [jax.ShapeDtypeStruct((batch, h, d), dtype), jax.ShapeDtypeStruct((batch, kv, cache, d), dtype),
+            jax.ShapeDtypeStruct((batch, kv, cache, d), dtype), jax.ShapeDtypeStruct((batch,), jnp.int32)]
 
 
 # Every preset on v5e, Phi-3-mini on v5p and v6e.
@@ -156,7 +158,7 @@ def test_model_train_step_compiles_for_tpu_with_pallas():
 
     def train_step(params, tokens, segments):
         def loss(params):
-            logits = model._forward(params, cfg, tokens, None, segments, None)
+            logits = model.logits_fn(params, cfg, tokens, segment_ids=segments)
             logp = jax.nn.log_softmax(logits[:, :-1])
             return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
@@ -167,31 +169,18 @@ def test_model_train_step_compiles_for_tpu_with_pallas():
 
 
 # ------------------------------------------------------------------------------ CUDA export
-def _cuda_export(fn, args):
-    exported = export.export(jax.jit(fn), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-    return exported.mlir_module().count("__gpu$xla.gpu.triton")
-
-
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("dtype,segments", [("bfloat16", True), ("float32", False)])
 def test_flash_forward_backward_exports_for_cuda(preset, dtype, segments):
     window = PRESETS[preset][3]
-    fn = _flash_grad_fn(window, segments)
-
-    def gpu(*args):
-        with_backend = jax.value_and_grad(
-            lambda q, k, v, seg: flash_attention(q, k, v, q_segment_ids=seg if segments else None,
-                                                 sliding_window=window, backend="gpu").astype(jnp.float32).sum(),
-            argnums=(0, 1, 2))
-        return with_backend(*args)
-
-    del fn
-    assert _cuda_export(gpu, _flash_args(preset, jnp.dtype(dtype))) == 3
+    exported = export_for_cuda(_flash_grad_fn(window, segments, backend="gpu"), _flash_args(preset, jnp.dtype(dtype)))
+    assert exported.platforms == ("cuda",)
+    assert triton_calls(exported) == 3  # forward, dq, dk/dv: all Triton kernels
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_decode_exports_for_cuda(preset):
     window = PRESETS[preset][3]
-    fn = lambda q, k, v, lengths: decode_attention(q, k, v, lengths, sliding_window=window, backend="gpu")  # noqa
-    assert _cuda_export(fn, _decode_args(preset, jnp.bfloat16)) == 1
+    exported = export_for_cuda(_decode_fn(window, backend="gpu"), _decode_args(preset, jnp.bfloat16))
+    assert exported.platforms == ("cuda",)
+    assert triton_calls(exported) == 1

@@ -1,4 +1,4 @@
-"""Logit parity with transformers.Phi3ForCausalLM, and the model's structural promises.
+"""Logit parity with transformers.Phi3ForCausalLM (the `torch` tests), and the model's structural promises.
 
 Tolerance: float32 end to end on both sides, so the only differences are summation order
 and transcendental-function rounding: max |diff| <= 1e-4 on logits of magnitude ~1-10.
@@ -10,11 +10,10 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from phi3jax import forward, load_hf
 from phi3jax.model import init_params, param_logical_axes
-from tests.conftest import longrope_parameters, make_hf_model
+from tests.conftest import longrope_parameters, make_hf_dir, make_hf_model
 
 F32_TOL = 1e-4
 
@@ -40,11 +39,15 @@ def variant(request, tmp_path_factory):
 
 
 def hf_logits(hf, tokens, **kwargs):
+    import torch
+
+    kwargs = {k: torch.as_tensor(v) for k, v in kwargs.items()}
     with torch.no_grad():
         return hf(torch.as_tensor(np.asarray(tokens), dtype=torch.long), **kwargs).logits.float().numpy()
 
 
-# 70 crosses LongRoPE's switch (48) and the window (9); 300 takes the blocked causal path (>= 256).
+# 70 crosses LongRoPE's switch (48) and the window (9); 300 spans several tiles of the CPU schedule.
+@pytest.mark.torch
 @pytest.mark.parametrize("length", [20, 70, 300])
 def test_logits_match_hf_in_float32(variant, length):
     name, hf, cfg, params = variant
@@ -53,6 +56,7 @@ def test_logits_match_hf_in_float32(variant, length):
     np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=F32_TOL, rtol=0, err_msg=name)
 
 
+@pytest.mark.torch
 def test_longrope_switch_is_decided_per_batch_like_hf(tmp_path):
     # A short row batched with a long one: HF uses the long factors for both (max position in the batch).
     hf = make_hf_model(tmp_path, original_max_position_embeddings=32, rope_parameters=longrope_parameters(16))
@@ -62,7 +66,7 @@ def test_longrope_switch_is_decided_per_batch_like_hf(tmp_path):
     mask[1, 30:] = 0  # row 1 holds only 30 real tokens (right padding)
     positions = np.where(mask, np.cumsum(mask, 1) - 1, 0)
     ours = np.asarray(forward(params, cfg, tokens, padding_mask=mask))
-    ref = hf_logits(hf, tokens, attention_mask=torch.as_tensor(mask), position_ids=torch.as_tensor(positions))
+    ref = hf_logits(hf, tokens, attention_mask=mask, position_ids=positions)
     np.testing.assert_allclose(ours[0], ref[0], atol=F32_TOL, rtol=0)
     np.testing.assert_allclose(ours[1, :30], ref[1, :30], atol=F32_TOL, rtol=0)
     # ...and the short row alone would use the short factors, giving different logits.
@@ -70,6 +74,7 @@ def test_longrope_switch_is_decided_per_batch_like_hf(tmp_path):
     assert np.abs(alone[0] - ours[1, :30]).max() > 1e-3
 
 
+@pytest.mark.torch
 def test_explicit_attention_factor_is_used_as_hf_uses_it(tmp_path):
     hf = make_hf_model(tmp_path, original_max_position_embeddings=32,
                        rope_parameters=longrope_parameters(16, attention_factor=1.7))
@@ -79,6 +84,7 @@ def test_explicit_attention_factor_is_used_as_hf_uses_it(tmp_path):
     np.testing.assert_allclose(np.asarray(forward(params, cfg, tokens)), hf_logits(hf, tokens), atol=F32_TOL, rtol=0)
 
 
+@pytest.mark.torch
 def test_left_padded_batch_matches_hf_on_real_tokens(tmp_path):
     hf = make_hf_model(tmp_path, num_key_value_heads=2, sliding_window=6)
     cfg, params = load_hf(tmp_path)
@@ -91,16 +97,16 @@ def test_left_padded_batch_matches_hf_on_real_tokens(tmp_path):
         mask[row, 25 - n:] = 1
     positions = np.where(mask, np.cumsum(mask, 1) - 1, 0)
     ours = np.asarray(forward(params, cfg, tokens, padding_mask=mask))
-    ref = hf_logits(hf, tokens, attention_mask=torch.as_tensor(mask), position_ids=torch.as_tensor(positions))
+    ref = hf_logits(hf, tokens, attention_mask=mask, position_ids=positions)
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], ref[real], atol=F32_TOL, rtol=0)
 
 
 def test_packed_sequences_equal_documents_run_one_by_one(tmp_path):
-    make_hf_model(tmp_path, num_key_value_heads=2, sliding_window=7)
+    make_hf_dir(tmp_path, num_key_value_heads=2, sliding_window=7)
     cfg, params = load_hf(tmp_path)
     rs = np.random.RandomState(3)
-    docs = [rs.randint(3, cfg.vocab_size, n) for n in (11, 5, 16, 140, 130)]  # 302 tokens: blocked path
+    docs = [rs.randint(3, cfg.vocab_size, n) for n in (11, 5, 16, 140, 130)]  # 302 tokens: several tiles
     packed = np.concatenate(docs)[None]
     segments = np.concatenate([np.full(len(d), k + 1) for k, d in enumerate(docs)])[None]
     ours = np.asarray(forward(params, cfg, packed, segment_ids=segments))[0]
@@ -111,6 +117,7 @@ def test_packed_sequences_equal_documents_run_one_by_one(tmp_path):
         start += len(doc)
 
 
+@pytest.mark.torch
 def test_bfloat16_top1_agrees_with_hf_where_the_float32_margin_exceeds_bf16_error(tmp_path):
     """bfloat16 keeps 8 mantissa bits, so logits carry errors of order 1e-2; HF's own eager and
     sdpa bf16 paths disagree on ~2% of argmaxes. Bound: twice the largest deviation of HF's own
@@ -118,6 +125,8 @@ def test_bfloat16_top1_agrees_with_hf_where_the_float32_margin_exceeds_bf16_erro
     directions). Where the f32 top-2 margin exceeds it, both bf16 argmaxes must be the f32 one."""
     hf32 = make_hf_model(tmp_path / "f32", num_key_value_heads=2, hidden_size=128, num_attention_heads=4,
                          vocab_size=1024)
+    import torch
+
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
     hf16.save_pretrained(tmp_path / "bf16")
     cfg, params = load_hf(tmp_path / "bf16")
@@ -136,7 +145,7 @@ def test_bfloat16_top1_agrees_with_hf_where_the_float32_margin_exceeds_bf16_erro
 
 
 def test_out_of_range_tokens_are_rejected_at_the_api_edge(tmp_path):
-    make_hf_model(tmp_path)
+    make_hf_dir(tmp_path)
     cfg, params = load_hf(tmp_path)
     with pytest.raises(ValueError, match=r"token ids \[512\] are outside the vocabulary \[0, 512\)"):
         forward(params, cfg, np.array([[1, 512]]))
@@ -178,8 +187,50 @@ def test_every_parameter_has_logical_axis_names_of_its_rank():
         x, jax.sharding.PartitionSpec))[0])
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         spec = flat_axes[path]
-        assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec), (path, spec)
-    assert axes["layers"]["attn"]["q"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
+        # Every axis named, but the stacking axis of a fused weight (qkv, kv, gate_up): never sharded.
+        assert len(spec) == leaf.ndim and sum(n is None for n in spec) <= 1, (path, spec)
+        assert all(isinstance(n, str) for n in spec if n is not None), (path, spec)
+    P = jax.sharding.PartitionSpec
+    assert axes["layers"]["attn"]["q"] == P("layers", "embed", "heads", "head_dim")  # tiny has GQA: q and kv
+    assert axes["layers"]["attn"]["kv"] == P("layers", "embed", None, "kv_heads", "head_dim")
+    assert axes["layers"]["mlp"]["gate_up"] == P("layers", "embed", None, "mlp")
+
+
+def test_one_parameter_layout_fused_as_gemma_fuses_it():
+    """q/k/v as one stacked weight when every head has its own k/v, q and kv under GQA; gate and up stacked."""
+    from phi3jax import Phi3Config
+
+    mha = init_params(Phi3Config.preset("tiny").replace(num_key_value_heads=4), 0)["layers"]
+    gqa = init_params(Phi3Config.preset("tiny"), 0)["layers"]
+    assert set(mha["attn"]) == {"qkv", "o"} and mha["attn"]["qkv"].shape == (4, 256, 3, 4, 64)
+    assert set(gqa["attn"]) == {"q", "kv", "o"} and gqa["attn"]["kv"].shape == (4, 256, 2, 2, 64)
+    assert set(gqa["mlp"]) == {"gate_up", "down"} and gqa["mlp"]["gate_up"].shape == (4, 256, 2, 688)
+
+
+def test_per_layer_parameters_give_the_same_logits_as_the_stacked_ones():
+    """scan_layers=False runs the same leaves kept per layer (what generation uses): float32, 1e-6."""
+    import jax
+
+    from phi3jax import Phi3Config
+    from phi3jax.model import stack_layers, unstack_layers
+
+    cfg = Phi3Config.preset("tiny").replace(vocab_size=512)
+    params = init_params(cfg, 0)
+    per_layer = unstack_layers(params)
+    assert "layers" not in per_layer and set(per_layer["layers_3"]) == set(params["layers"])
+    tokens = np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 24))
+    np.testing.assert_allclose(np.asarray(forward(per_layer, cfg, tokens)), np.asarray(forward(params, cfg, tokens)),
+                               atol=1e-6, rtol=0)
+    back = stack_layers(per_layer)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_remat_policy_names_are_the_configs():
+    from phi3jax.config import REMAT_POLICIES
+    from phi3jax.model import REMAT_POLICIES as POLICIES
+
+    assert {"none", *POLICIES} == set(REMAT_POLICIES)
 
 
 def test_compiled_program_does_not_grow_with_depth():
@@ -187,67 +238,13 @@ def test_compiled_program_does_not_grow_with_depth():
     import jax
 
     from phi3jax import Phi3Config
-    from phi3jax.model import _forward
+    from phi3jax.model import logits_fn
 
     sizes = {}
     for layers in (4, 32):
         cfg = Phi3Config.preset("tiny").replace(num_hidden_layers=layers)
         params = jax.eval_shape(lambda c=cfg: init_params(c, 0))
         tokens = jax.ShapeDtypeStruct((1, 16), np.int32)
-        lowered = jax.jit(_forward, static_argnums=1).lower(params, cfg, tokens, None, None, None)
+        lowered = jax.jit(logits_fn, static_argnums=1).lower(params, cfg, tokens)
         sizes[layers] = len(lowered.compile().as_text())
     assert sizes[32] < 1.1 * sizes[4], sizes
-
-
-@pytest.mark.parametrize("cpu_tiles", [True, "pair-groups", False], ids=["cpu-tiles", "cpu-tiles-grouped", "batched"])
-@pytest.mark.parametrize("t", [33, 300])
-def test_xla_attention_gradients_equal_autodiff_of_the_plain_formula(monkeypatch, cpu_tiles, t):
-    """Both XLA schedules (per-pair tiles on one CPU device; batched query blocks elsewhere) and their
-    hand-written backwards (flash-attention form) against jax.grad of softmax(QK^T)V, with GQA, a
-    sliding window and two packed segments; 300 tokens span several tiles and blocks. "pair-groups":
-    the CPU backward with a score budget so small that it takes the (batch, kv head) pairs one group
-    at a time, as it does for long sequences. float32: agreement to 1e-5 (sums of ~300 terms of O(1) values)."""
-    import jax
-    import jax.numpy as jnp
-
-    from phi3jax import attention as A
-
-    monkeypatch.setattr(A, "_single_cpu_device", lambda: bool(cpu_tiles))
-    if cpu_tiles == "pair-groups":
-        monkeypatch.setattr(A, "_BACKWARD_TILE_BYTES", 1)
-    rs = np.random.RandomState(0)
-    b, h, kv, d, window = 2, 8, 2, 16, (7 if t < 100 else 150)
-    q, k, v, w = (jnp.asarray(rs.randn(*shape), jnp.float32)
-                  for shape in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)))
-    split = 2 * t // 3
-    segments = jnp.asarray(np.repeat([[1] * split + [2] * (t - split)], b, 0))
-
-    def plain(q, k, v):
-        mask = A.attention_mask(t, t, q_segment_ids=segments, causal=True, sliding_window=window)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k) * d ** -0.5
-        probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -1e30), axis=-1)
-        return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-
-    def ours(q, k, v):
-        return A.xla_attention(q, k, v, q_segment_ids_bt=segments, causal=True, sliding_window=window)
-
-    np.testing.assert_allclose(jax.jit(ours)(q, k, v), plain(q, k, v), atol=1e-6)
-    expected = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2))(q, k, v)
-    got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2)))(q, k, v)
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, atol=1e-5)
-
-
-def test_cpu_tiled_attention_in_bfloat16_stays_within_bfloat16_error_of_float32():
-    """bfloat16 inputs (float32 softmax inside): outputs within 3e-2 of the float32 result, the
-    size of a few bfloat16 roundings (2^-8 relative) of O(1) values; and the output keeps bfloat16."""
-    import jax.numpy as jnp
-
-    from phi3jax import attention as A
-
-    rs = np.random.RandomState(1)
-    q, k, v = (jnp.asarray(rs.randn(1, 200, 4, 32), jnp.float32) for _ in range(3))
-    exact = A.cpu_tiled_attention(q, k, v, None, None)
-    low = A.cpu_tiled_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, None)
-    assert low.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(low, np.float32), exact, atol=3e-2)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 from jax.sharding import AbstractMesh
+from phi3jax.sharding import MeshConfig, MeshError
 
 from phi3jax import sharding
 from phi3jax.config import Phi3Config
-from phi3jax.sharding import MeshConfig, MeshError
 
 
 def abstract_mesh(**axes: int) -> AbstractMesh:

@@ -112,7 +112,6 @@ def test_fine_tuning_starts_from_a_params_only_run_dir(tmp_path, finished_run, c
 
 def test_init_from_hf_fine_tunes_a_hugging_face_checkpoint(tmp_path, corpus):
     from conftest import make_hf_model
-
     from phi3jax.data import train_sentencepiece
 
     hf = tmp_path / "hf"

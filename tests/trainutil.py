@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from phi3jax.data import default_corpus
+
 from phi3jax.train.config import TrainConfig, from_dict
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

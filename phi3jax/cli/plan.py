@@ -358,7 +358,7 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
 
 def _attention_for(cfg: Any, mesh: Any, seq: int) -> str:
     """The attention backend the target runs for training, as the dispatcher decides it there."""
-    from phi3jax.ops import platform_of, select_backend
+    from phi3jax.ops.attention import platform_of, select_backend
 
     choice = select_backend(cfg.attention_impl, "self", platform=platform_of(mesh), mesh=mesh, length=seq,
                             has_segments=True, dtype=cfg.dtype)

@@ -30,7 +30,7 @@ import numpy as np
 from phi3jax.config import Phi3Config
 from phi3jax.inference.sampling import SamplingParams, sample_logits
 from phi3jax.model import Params, Phi3, check_tokens, layers_stacked, unstack_layers
-from phi3jax.ops import KVCache
+from phi3jax.ops.kv_cache import KVCache
 from phi3jax.rope import use_long_factors
 
 

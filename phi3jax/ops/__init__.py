@@ -1,9 +1,6 @@
-"""Ops layer: attention (a reference, named backends, one dispatcher) and the KV cache layout.
+"""Ops layer: attention (`phi3jax.ops.attention`: one reference, named backends, one dispatcher) and
+the KV cache layout (`phi3jax.ops.kv_cache`).
 
 Imports only the parallel and base layers and `pallas_kernels` (which imports nothing from phi3jax).
+Nothing is re-exported here, so no function hides the module of the same name.
 """
-
-from phi3jax.ops.attention import Choice, attention, decode_attention, platform_of, select_backend
-from phi3jax.ops.kv_cache import KVCache
-
-__all__ = ["Choice", "KVCache", "attention", "decode_attention", "platform_of", "select_backend"]

@@ -4,9 +4,9 @@ JAX reads the host device count once, when its CPU backend starts, so every mode
 own process with XLA_FLAGS set by the caller. Each mode writes its measurements as JSON; the
 tests assert on them.
 
-    python tests/scale_worker.py meshes OUT.json NPZ       5 steps on every mesh; shardings; bytes
+    python tests/scale_worker.py meshes OUT.json           5 steps on every mesh; shardings; bytes
     python tests/scale_worker.py ring OUT.json              ring attention vs unsharded attention
-    python tests/scale_worker.py restore OUT.json RUN_DIR [MULTIHOST_CKPT NPZ]
+    python tests/scale_worker.py restore OUT.json RUN_DIR [MULTIHOST_CKPT]
     python tests/scale_worker.py multihost OUT.json PROC PORT CKPT_DIR [HF_DIR]
     python tests/scale_worker.py hfload OUT.json HF_DIR
 """
@@ -84,26 +84,28 @@ def sharding_report(tree) -> dict[str, dict]:
 def train_on(mesh_axes: dict, devices=None, put=None, accum_steps: int = 1):
     import jax
 
-    from phi3jax import sharding
+    from phi3jax import parallel
+    from phi3jax.train import state as state_lib
 
     cfg, opt = tiny_config(), optimizer()
-    mesh = sharding.make_mesh(mesh_axes, devices=devices)
-    state = sharding.sharded_init(cfg, mesh, opt, 0)
+    mesh = parallel.make_mesh(mesh_axes, devices=devices)
+    state = state_lib.sharded_init(cfg, mesh, opt, 0)
     init_report = sharding_report(state)
-    init_bytes = sharding.device_bytes((state.params, state.opt_state), jax.local_devices()[0])
-    step = sharding.make_train_step(cfg, mesh, opt, accum_steps=accum_steps)
+    init_bytes = parallel.device_bytes((state.params, state.opt_state), jax.local_devices()[0])
+    step = state_lib.make_train_step(cfg, mesh, opt, accum_steps=accum_steps)
     losses = []
     for batch in batches():
-        state, metrics = step(state, (put or sharding.put_batch)(batch, mesh))
+        state, metrics = step(state, (put or parallel.put_batch)(batch, mesh))
         losses.append(float(metrics["loss"]))
     return mesh, state, losses, init_report, init_bytes
 
 
-def mode_meshes(out: str, npz: str) -> None:
+def mode_meshes(out: str) -> None:
     import jax
 
-    from phi3jax import sharding
+    from phi3jax import parallel
     from phi3jax.model import init_params
+    from phi3jax.train import state as state_lib
     from phi3jax.train.step import init_train_state, train_step
 
     cfg, opt = tiny_config(), optimizer()
@@ -129,15 +131,13 @@ def mode_meshes(out: str, npz: str) -> None:
             from phi3jax.train.step import loss_sums
 
             batch = batches()[0]
-            sharded = sharding.make_eval_step(cfg, mesh)(state.params, sharding.put_batch(batch, mesh))
+            sharded = state_lib.make_eval_step(cfg, mesh)(state.params, parallel.put_batch(batch, mesh))
             host_params = jax.tree.map(np.asarray, state.params)
             plain = jax.jit(lambda p, b: loss_sums(p, cfg, b))(host_params, batch)
             result["eval"] = {"sharded": [float(x) for x in sharded], "plain": [float(x) for x in plain]}
         if name == "fsdp4_tensor2":
             result["shardings"] = report
             result["shardings_after_steps"] = sharding_report(state)
-            np.savez(npz, **{path_str(p): np.asarray(x) for p, x in
-                             jax.tree_util.tree_flatten_with_path(state.params)[0]})
     # Gradient accumulation under a mesh: 2 micro-batches of 4 rows on fsdp=4 x tensor=2.
     t0 = time.time()
     result["losses"]["fsdp4_tensor2_accum2"] = train_on(MESHES["fsdp4_tensor2"], accum_steps=2)[2]
@@ -145,10 +145,10 @@ def mode_meshes(out: str, npz: str) -> None:
     # Per-device bytes as fsdp grows (data takes the rest of the 8 devices).
     result["fsdp_bytes"] = {}
     for fsdp in (1, 2, 4, 8):
-        mesh = sharding.make_mesh({"data": 8 // fsdp, "fsdp": fsdp})
-        state = sharding.sharded_init(cfg, mesh, opt, 0)
-        result["fsdp_bytes"][fsdp] = {"params": sharding.device_bytes(state.params),
-                                      "opt_state": sharding.device_bytes(state.opt_state)}
+        mesh = parallel.make_mesh({"data": 8 // fsdp, "fsdp": fsdp})
+        state = state_lib.sharded_init(cfg, mesh, opt, 0)
+        result["fsdp_bytes"][fsdp] = {"params": parallel.device_bytes(state.params),
+                                      "opt_state": parallel.device_bytes(state.opt_state)}
     result["total_param_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(init_params(cfg, 0))))
     with open(out, "w") as f:
         json.dump(result, f)
@@ -157,10 +157,10 @@ def mode_meshes(out: str, npz: str) -> None:
 def mode_ring(out: str) -> None:
     import jax
     import jax.numpy as jnp
-    from phi3jax.attention import xla_attention
-    from phi3jax.ring_attention import ring_attention
 
-    from phi3jax import sharding
+    from pallas_kernels.reference import mha_reference
+    from phi3jax import parallel
+    from phi3jax.ops.ring_attention import ring_attention
 
     rng = np.random.default_rng(1)
     b, t = 2, 32
@@ -175,7 +175,7 @@ def mode_ring(out: str) -> None:
     ]
     result = {}
     for name, axes, window, segment_ids, h, kv in cases:
-        mesh = sharding.make_mesh({"fsdp": 1, **axes})
+        mesh = parallel.make_mesh({"fsdp": 1, **axes})
         q = jnp.asarray(rng.normal(size=(b, t, h, 8)), jnp.float32)
         k = jnp.asarray(rng.normal(size=(b, t, kv, 8)), jnp.float32)
         v = jnp.asarray(rng.normal(size=(b, t, kv, 8)), jnp.float32)
@@ -183,16 +183,14 @@ def mode_ring(out: str) -> None:
         sid = None if segment_ids is None else jnp.asarray(segment_ids)
 
         def ref(q, k, v, sid=sid, window=window):
-            return xla_attention(q, k, v, q_segment_ids_bt=sid, causal=True, sliding_window=window)
+            return mha_reference(q, k, v, q_segment_ids=sid, causal=True, sliding_window=window)
 
-        def ring(q, k, v, sid=sid, window=window):
-            return ring_attention(q, k, v, segment_ids_bt=sid, causal=True, sliding_window=window)
+        def ring(q, k, v, sid=sid, window=window, mesh=mesh, rules=parallel.rules_for(kv, mesh)):
+            return ring_attention(q, k, v, mesh=mesh, rules=rules, segment_ids_bt=sid, causal=True,
+                                  sliding_window=window)
 
-        rules = sharding.LOGICAL_RULES if kv % mesh.shape["tensor"] == 0 else tuple(
-            (n, None if n in ("kv_heads", "act_kv_heads") else a) for n, a in sharding.LOGICAL_RULES)
-        with sharding.mesh_context(mesh, rules):
-            got = jax.jit(ring)(q, k, v)
-            grads = jax.jit(jax.grad(lambda q, k, v, w=w: jnp.sum(ring(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+        got = jax.jit(ring)(q, k, v)
+        grads = jax.jit(jax.grad(lambda q, k, v, w=w: jnp.sum(ring(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
         want = ref(q, k, v)
         want_grads = jax.grad(lambda q, k, v, w=w: jnp.sum(ref(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
         result[name] = {"forward": float(jnp.max(jnp.abs(got - want))),
@@ -209,29 +207,32 @@ def step_temp_bytes() -> dict[str, int]:
     import jax
     import jax.numpy as jnp
 
-    from phi3jax import sharding
+    from phi3jax import parallel
     from phi3jax.config import Phi3Config
-    from phi3jax.train.step import BATCH_KEYS
+    from phi3jax.train import state as state_lib
+    from phi3jax.train.data import BATCH_KEYS
 
     cfg = Phi3Config.preset("tiny", vocab_size=4096, num_hidden_layers=2, remat_policy="full")
     temps = {}
     for name, axes, (b, t) in (("fsdp8", {"fsdp": 8}, (8, 1024)), ("sequence8", {"fsdp": 1, "sequence": 8}, (1, 8192))):
-        mesh = sharding.make_mesh(axes)
-        state = sharding.abstract_state(cfg, mesh, optimizer())
-        spec = sharding.batch_sharding(mesh)
+        mesh = parallel.make_mesh(axes)
+        state = state_lib.abstract_state(cfg, mesh, optimizer())
+        spec = parallel.batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=spec)
                  for k in BATCH_KEYS}
-        compiled = sharding.make_train_step(cfg, mesh, optimizer()).lower(state, batch).compile()
+        compiled = state_lib.make_train_step(cfg, mesh, optimizer()).lower(state, batch).compile()
         temps[name] = int(compiled.memory_analysis().temp_size_in_bytes)
     return temps
 
 
-def mode_restore(out: str, run_dir: str, multihost_ckpt: str | None = None, npz: str | None = None) -> None:
+def mode_restore(out: str, run_dir: str, multihost_ckpt: str | None = None) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from phi3jax import sharding
+    from phi3jax import parallel
+    from phi3jax.model import param_shardings
     from phi3jax.train import checkpoint as ckpt
+    from phi3jax.train import state as state_lib
 
     cfg, opt = tiny_config(), optimizer()
     result = {}
@@ -242,10 +243,12 @@ def mode_restore(out: str, run_dir: str, multihost_ckpt: str | None = None, npz:
                                                 opt_state=ocp.args.StandardSave(state.opt_state)))
         manager.wait_until_finished()
     # Restore onto fsdp=4 x tensor=2.
-    mesh42 = sharding.make_mesh(MESHES["fsdp4_tensor2"])
-    target = sharding.state_shardings(cfg, mesh42, opt)
+    mesh42 = parallel.make_mesh(MESHES["fsdp4_tensor2"])
+    target = state_lib.state_shardings(cfg, mesh42, opt)
     params = ckpt.restore_params(run_dir, 2, cfg, shardings=target.params)
-    opt_state = sharding.restore_opt_state(run_dir, 2, cfg, opt, mesh42)
+    abstract = state_lib.abstract_state(cfg, mesh42, opt)
+    with ckpt.checkpoint_manager(run_dir, async_save=False) as manager:
+        _, opt_state, _ = ckpt.restore_train_state(manager, 2, abstract.params, abstract.opt_state)
     result["params_equal"] = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
                                  zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True))
     result["opt_state_equal"] = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
@@ -256,19 +259,19 @@ def mode_restore(out: str, run_dir: str, multihost_ckpt: str | None = None, npz:
         zip(jax.tree.leaves(params) + jax.tree.leaves(opt_state),
             jax.tree.leaves(target.params) + jax.tree.leaves(target.opt_state), strict=True))
     if multihost_ckpt:
-        ref = np.load(npz)
-        restored = ckpt.restore_params(multihost_ckpt, STEPS, cfg, shardings=sharding.param_shardings(cfg, mesh8))
+        ref = np.load(multihost_ckpt + ".npz")  # what the saving processes held
+        restored = ckpt.restore_params(multihost_ckpt, STEPS, cfg, shardings=param_shardings(cfg, mesh8))
         result["multihost_ckpt_equal"] = {
-            path_str(p): bool(np.allclose(np.asarray(x), ref[path_str(p)], rtol=0, atol=1e-5))
+            path_str(p): bool(np.array_equal(np.asarray(x), ref[path_str(p)]))
             for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
     with open(out, "w") as f:
         json.dump(result, f)
 
 
 def mode_multihost(out: str, proc: str, port: str, ckpt_dir: str, hf_dir: str | None = None) -> None:
-    from phi3jax import sharding
+    from phi3jax import parallel
 
-    sharding.initialize_distributed({"coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+    parallel.initialize_distributed({"coordinator": f"127.0.0.1:{port}", "num_processes": 2,
                                      "process_id": int(proc)})
     import jax
     import orbax.checkpoint as ocp
@@ -280,28 +283,35 @@ def mode_multihost(out: str, proc: str, port: str, ckpt_dir: str, hf_dir: str | 
 
     def put_own_rows(batch, mesh):
         # Per-process loading: this process reads only the rows its devices hold.
-        rows = sharding.process_batch_rows(mesh, BATCH)
+        rows = parallel.process_batch_rows(mesh, BATCH)
         result.setdefault("rows", rows.tolist())
-        return sharding.put_process_batch({k: v[rows] for k, v in batch.items()}, mesh, BATCH)
+        return parallel.put_batch({k: v[rows] for k, v in batch.items()}, mesh, BATCH)
 
     mesh, state, losses, _, _ = train_on(MESHES["fsdp4_tensor2"], put=put_own_rows)
     result["losses"] = losses
     with ckpt.checkpoint_manager(ckpt_dir, async_save=False) as manager:  # every process joins the save
         manager.save(STEPS, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params)))
         manager.wait_until_finished()
+    # What the processes hold, gathered whole, for the restore to compare with bit for bit.
+    from jax.experimental import multihost_utils
+
+    held = multihost_utils.process_allgather(state.params, tiled=True)
+    if jax.process_index() == 0:
+        np.savez(ckpt_dir + ".npz", **{path_str(p): np.asarray(x) for p, x in
+                                       jax.tree_util.tree_flatten_with_path(held)[0]})
     if hf_dir:
-        from phi3jax.convert import hf_sharded
         from phi3jax.convert.hf import load_hf
+        from phi3jax.convert.safetensors import SafetensorsReader
 
         reader_bytes = []
-        original = hf_sharded.SliceReader.__call__
+        original = SafetensorsReader.get_block
 
         def counting(self, *args):
             block = original(self, *args)
             reader_bytes.append(block.nbytes)
             return block
 
-        hf_sharded.SliceReader.__call__ = counting
+        SafetensorsReader.get_block = counting
         cfg, params = load_hf(hf_dir, mesh=mesh)
         result["hf_bytes_read"] = int(sum(reader_bytes))
         result["hf_total_bytes"] = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))
@@ -312,24 +322,26 @@ def mode_multihost(out: str, proc: str, port: str, ckpt_dir: str, hf_dir: str | 
 def mode_hfload(out: str, hf_dir: str) -> None:
     import jax
 
-    from phi3jax import sharding
-    from phi3jax.convert import hf as hf_mod
+    from phi3jax import parallel
+    from phi3jax.convert.hf import load_hf
+    from phi3jax.convert.safetensors import SafetensorsReader
+    from phi3jax.model import param_shardings
 
-    cfg, full = hf_mod.load_hf(hf_dir)
+    cfg, full = load_hf(hf_dir)
     result = {}
-    original_get = hf_mod.SafetensorsReader.get
+    original_get = SafetensorsReader.get
 
     def forbidden(self, name):
         raise AssertionError(f"sharded loading read the whole tensor {name}")
 
     for name, axes in (("fsdp4_tensor2", {"fsdp": 4, "tensor": 2}), ("fsdp2_tensor4", {"fsdp": 2, "tensor": 4})):
-        mesh = sharding.make_mesh(axes)
-        hf_mod.SafetensorsReader.get = forbidden
+        mesh = parallel.make_mesh(axes)
+        SafetensorsReader.get = forbidden
         try:
-            _, params = hf_mod.load_hf(hf_dir, mesh=mesh)
+            _, params = load_hf(hf_dir, mesh=mesh)
         finally:
-            hf_mod.SafetensorsReader.get = original_get
-        expected = sharding.param_shardings(cfg, mesh)
+            SafetensorsReader.get = original_get
+        expected = param_shardings(cfg, mesh)
         result[name] = {
             "equal": all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
                          zip(jax.tree.leaves(full), jax.tree.leaves(params), strict=True)),

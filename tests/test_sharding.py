@@ -7,17 +7,24 @@ test_scale_multidevice.py.
 
 from __future__ import annotations
 
+import jax
 import pytest
 from jax.sharding import AbstractMesh
-from phi3jax.sharding import MeshConfig, MeshError
 
-from phi3jax import sharding
+from phi3jax import parallel as sharding
 from phi3jax.config import Phi3Config
+from phi3jax.model import param_shardings
+from phi3jax.parallel import MeshConfig, MeshError
 
 
 def abstract_mesh(**axes: int) -> AbstractMesh:
     sizes = {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1, **axes}
     return AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+
+
+def param_specs(cfg: Phi3Config, mesh: AbstractMesh):
+    """Every parameter's PartitionSpec on a mesh of shapes only."""
+    return jax.tree.map(lambda s: s.spec, param_shardings(cfg, mesh))
 
 
 # ------------------------------------------------------------------------------ mesh config
@@ -84,9 +91,10 @@ def test_fsdp_that_does_not_divide_the_hidden_size_is_a_clear_error():
 
 
 def test_phi3_mini_on_a_v5e_pod_layout():
-    specs = sharding.param_specs(MINI, abstract_mesh(fsdp=64, tensor=4))
+    specs = param_specs(MINI, abstract_mesh(fsdp=64, tensor=4))
     zero3 = ("fsdp", "sequence")
-    assert tuple(specs["layers"]["attn"]["q"]) == (None, zero3, "tensor", None)
+    assert tuple(specs["layers"]["attn"]["qkv"]) == (None, zero3, None, "tensor", None)
+    assert tuple(specs["layers"]["mlp"]["gate_up"]) == (None, zero3, None, "tensor")
     assert tuple(specs["layers"]["attn"]["o"]) == (None, "tensor", None, zero3)
     assert tuple(specs["layers"]["mlp"]["down"]) == (None, "tensor", zero3)
     assert tuple(specs["embed"]) == ("tensor", zero3)
@@ -96,11 +104,11 @@ def test_phi3_mini_on_a_v5e_pod_layout():
 
 def test_gqa_kv_heads_are_replicated_when_tensor_cannot_split_them():
     medium = Phi3Config.preset("phi-3-medium-4k")  # 40 query heads, 10 kv heads
-    specs = sharding.param_specs(medium, abstract_mesh(fsdp=2, tensor=4))
+    specs = param_specs(medium, abstract_mesh(fsdp=2, tensor=4))
     assert tuple(specs["layers"]["attn"]["q"])[2] == "tensor"
-    assert tuple(specs["layers"]["attn"]["k"])[2] is None
-    specs = sharding.param_specs(medium, abstract_mesh(fsdp=4, tensor=2))  # 10 % 2 == 0: split
-    assert tuple(specs["layers"]["attn"]["k"])[2] == "tensor"
+    assert tuple(specs["layers"]["attn"]["kv"])[3] is None
+    specs = param_specs(medium, abstract_mesh(fsdp=4, tensor=2))  # 10 % 2 == 0: split
+    assert tuple(specs["layers"]["attn"]["kv"])[3] == "tensor"
 
 
 def test_batch_and_sequence_must_divide_their_axes():
@@ -113,7 +121,7 @@ def test_batch_and_sequence_must_divide_their_axes():
 
 
 def test_batch_is_split_over_data_and_fsdp_and_length_over_sequence():
-    assert tuple(sharding.batch_spec(abstract_mesh())) == (("data", "fsdp"), "sequence")
+    assert tuple(sharding.batch_sharding(abstract_mesh()).spec) == (("data", "fsdp"), "sequence")
 
 
 # ------------------------------------------------------------------------------ multi-host config

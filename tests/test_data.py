@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from phi3jax.data import DataError
 
-from phi3jax import data
+from phi3jax.train import data
+from phi3jax.train.data import DataError
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def _collect(iterator, n):
 
 
 def _same(a, b):
-    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in data.ROW_KEYS)
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in data.BATCH_KEYS)
 
 
 def test_iterator_state_restores_the_exact_position(docs, tokenizer):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from phi3jax import data
 from phi3jax.tokenizer import Tokenizer
+from phi3jax.train import data
 
 CONVERSATION = [
     {"role": "system", "content": "You are a terse Python tutor."},

@@ -7,10 +7,11 @@ import os
 
 import numpy as np
 import pytest
+from train_with_faults import fault_hook
 from trainutil import run_train_py, small_config, write_config, write_corpus
 
 from phi3jax.train import checkpoint as ckpt
-from phi3jax.train import trainer
+from phi3jax.train import loop as trainer
 from phi3jax.train.metrics import read_metrics
 
 STEPS, SAVE_EVERY = 12, 4
@@ -38,20 +39,19 @@ def reference(tmp_path_factory, corpus):
     return cfg.run_dir
 
 
-def test_killed_and_restarted_runs_match_an_uninterrupted_run_bit_for_bit(tmp_path, corpus, reference, monkeypatch,
-                                                                           capsys):
+def test_killed_and_restarted_runs_match_an_uninterrupted_run_bit_for_bit(tmp_path, corpus, reference, capsys):
     cfg = small_config(tmp_path / "run", corpus, steps=STEPS, save_every=SAVE_EVERY)
     config = write_config(cfg, tmp_path / "cfg.yaml")
     run_dir = cfg.run_dir
 
     # 1. SIGKILL between saves (step 6; the last checkpoint is 4).
-    first = run_train_py(["--config", config], {trainer.FAULT_ENV: "kill_after_step:6"})
+    first = run_train_py(["--config", config], fault="kill_after_step:6")
     assert first.returncode == -9, first.stderr[-3000:]
     assert ckpt.list_steps(run_dir) == [4]
     assert max(_losses(run_dir)[0]) == 6
 
     # 2. Resume from 4; SIGKILL while the asynchronous save of step 8 is being written.
-    second = run_train_py(["--config", config], {trainer.FAULT_ENV: "kill_in_save:8"})
+    second = run_train_py(["--config", config], fault="kill_in_save:8")
     assert second.returncode == -9, second.stderr[-3000:]
     assert "resuming at step 4" in second.stdout
     names = os.listdir(os.path.join(run_dir, "checkpoints"))
@@ -61,14 +61,12 @@ def test_killed_and_restarted_runs_match_an_uninterrupted_run_bit_for_bit(tmp_pa
     ckpt.load_run(run_dir)  # ...and whatever is listed restores
 
     # 3. Resume (in this process); SIGTERM after step 10 saves and returns cleanly.
-    monkeypatch.setenv(trainer.FAULT_ENV, "sigterm_after_step:10")
-    third = trainer.train(cfg)
+    third = trainer.train(cfg, on_step=fault_hook("sigterm_after_step:10"))
     assert third.status == "preempted" and third.step == 10
     assert "SIGTERM: saved step 10" in capsys.readouterr().out
     assert ckpt.list_steps(run_dir)[-1] == 10
 
     # 4. Resume to the end.
-    monkeypatch.delenv(trainer.FAULT_ENV)
     assert trainer.train(cfg).step == STEPS
     assert "resuming at step 10" in capsys.readouterr().out
 

@@ -11,9 +11,11 @@ import pytest
 import yaml
 from trainutil import small_config, write_corpus
 
+from phi3jax.cli.train import main as train_main
 from phi3jax.config import Phi3Config
 from phi3jax.train import checkpoint as ckpt
-from phi3jax.train import trainer
+from phi3jax.train import loop as trainer
+from phi3jax.train import state as state_lib
 from phi3jax.train.config import TrainConfigError
 from phi3jax.train.metrics import read_metrics
 
@@ -111,11 +113,12 @@ def test_fine_tuning_starts_from_a_params_only_run_dir(tmp_path, finished_run, c
 
 
 def test_init_from_hf_fine_tunes_a_hugging_face_checkpoint(tmp_path, corpus):
-    from conftest import make_hf_model
-    from phi3jax.data import train_sentencepiece
+    from conftest import make_hf_dir
+
+    from phi3jax.train.data import train_sentencepiece
 
     hf = tmp_path / "hf"
-    make_hf_model(hf, vocab_size=512)
+    make_hf_dir(hf, vocab_size=512)
     tok = train_sentencepiece([open(os.path.join(corpus, f)).read() for f in sorted(os.listdir(corpus))], 256,
                               str(hf / "tokenizer.model"))
     assert tok.vocab_size <= 512
@@ -128,19 +131,19 @@ def test_init_from_hf_fine_tunes_a_hugging_face_checkpoint(tmp_path, corpus):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
-    real_step = trainer.train_step
+    real_step = state_lib.train_step
 
-    def poisoned(state, batch, **kw):
-        new, metrics = real_step(state, batch, **kw)
+    def poisoned(state, batch, *args, **kw):
+        new, metrics = real_step(state, batch, *args, **kw)
         metrics["loss"] = jnp.where(state.step == 4, jnp.nan, metrics["loss"])  # the 5th step
         return new, metrics
 
-    monkeypatch.setattr(trainer, "train_step", poisoned)
+    monkeypatch.setattr(state_lib, "train_step", poisoned)
     cfg = small_config(tmp_path / "nan", corpus, steps=8, save_every=2)
     with pytest.raises(trainer.TrainingDiverged, match=r"loss is nan at step 5.*last good checkpoint is step 4"):
         trainer.train(cfg)
     assert ckpt.list_steps(cfg.run_dir) == [2, 4]
-    monkeypatch.setattr(trainer, "train_step", real_step)
+    monkeypatch.setattr(state_lib, "train_step", real_step)
     cfg4, params, _ = ckpt.load_run(cfg.run_dir)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(params))
 
@@ -165,7 +168,7 @@ def test_bad_run_settings_are_clear_errors(tmp_path, corpus, override, message):
 
 def test_train_py_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
     def run(*args):
-        code = trainer.main([*args, f"run_dir={tmp_path / 'r'}"])
+        code = train_main([*args, f"run_dir={tmp_path / 'r'}"])
         return code, capsys.readouterr().err
 
     (tmp_path / "empty.txt").write_text("")
@@ -195,7 +198,7 @@ def test_chat_fine_tuning_runs_with_the_phi3_tokenizer(tmp_path, phi3_vocab):
     vocab follows it (32064), and only part of each batch (the assistant replies) carries loss."""
     import pathlib
 
-    from phi3jax.data import Tokenize, read_documents
+    from phi3jax.train.data import Tokenize, read_documents
 
     chats = pathlib.Path(__file__).resolve().parent.parent / "configs" / "data" / "chat_example.jsonl"
     cfg = small_config(tmp_path / "sft", str(chats), steps=2, **{"data.format": "chat",

@@ -7,9 +7,8 @@ import pathlib
 import subprocess
 import sys
 
-from phi3jax.data import default_corpus
-
 from phi3jax.train.config import TrainConfig, from_dict
+from phi3jax.train.data import default_corpus
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,10 +45,12 @@ def small_config(run_dir: str | os.PathLike, data_path: str | None, **overrides)
     return from_dict(base)
 
 
-def run_train_py(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 300
-                 ) -> subprocess.CompletedProcess:
+def run_train_py(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 300,
+                 fault: str | None = None) -> subprocess.CompletedProcess:
+    """train.py in a fresh process; with `fault` (tests/train_with_faults.py), the same run with that fault."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
+    program = [str(REPO / "train.py")] if fault is None else [str(REPO / "tests" / "train_with_faults.py"), fault]
+    return subprocess.run([sys.executable, *program, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -19,8 +19,8 @@ import pytest
 import sentencepiece as spm
 from testmodels import ASSISTANT, END, HELLO, USER, WORLD, make_hello_world_model, make_run_dir
 
-from phi3jax.chat import ChatSession, TextStreamer
-from phi3jax.cli import main
+from phi3jax.cli.chat import ChatSession, TextStreamer
+from phi3jax.cli.main import main
 from phi3jax.convert.hf import load_hf
 from phi3jax.tokenizer import Tokenizer
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import make_hf_model
+from tests.conftest import make_hf_dir
 
 
 def run_cli(*args, **kwargs):
@@ -19,7 +19,7 @@ def run_cli(*args, **kwargs):
 @pytest.fixture(scope="module")
 def hf_dir_with_tokenizer(tmp_path_factory, phi3_vocab):
     directory = tmp_path_factory.mktemp("hf")
-    make_hf_model(directory, vocab_size=32064, pad_token_id=32000, eos_token_id=32000)
+    make_hf_dir(directory, vocab_size=32064, pad_token_id=32000, eos_token_id=32000)
     shutil.copy(phi3_vocab / "tokenizer.model", directory / "tokenizer.model")
     return directory
 

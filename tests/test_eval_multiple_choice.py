@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
-from testmodels import make_random_phi3
+from testmodels import load_torch_model, make_random_phi3
 
-from eval.loglikelihood import encode_pair
-from eval.multiple_choice import hellaswag_preprocess, load_hellaswag, load_mmlu, read_mmlu_csv
-from phi3jax.cli import main
+from phi3jax.cli.main import main
+from phi3jax.eval.loglikelihood import encode_pair
+from phi3jax.eval.multiple_choice import hellaswag_preprocess, load_hellaswag, load_mmlu, read_mmlu_csv
 
 MMLU = {
     "astronomy": {
@@ -63,8 +63,12 @@ def write_mmlu(root, data=MMLU):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, phi3_vocab):
-    directory = tmp_path_factory.mktemp("mc_model")
-    return directory, make_random_phi3(directory, seed=7)
+    return make_random_phi3(tmp_path_factory.mktemp("mc_model"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def torch_model(model_dir):
+    return load_torch_model(model_dir)
 
 
 # ---------------------------------------------------------------- the independent torch scorer
@@ -124,8 +128,9 @@ def test_continuation_takes_the_whitespace_and_the_ids_beyond_the_context(phi3_v
     assert no_bos == [350]
 
 
-def test_mmlu_matches_independent_hf_torch_scoring(model_dir, tmp_path):
-    directory, torch_model = model_dir
+@pytest.mark.torch
+def test_mmlu_matches_independent_hf_torch_scoring(model_dir, torch_model, tmp_path):
+    directory = model_dir
     root = write_mmlu(tmp_path / "data")
     out = tmp_path / "mmlu.json"
     assert main(["eval", "multiple-choice", "--hf-dir", str(directory), "--task", "mmlu", "--data", str(root),
@@ -156,8 +161,9 @@ def test_hellaswag_preprocessing():
     assert hellaswag_preprocess("can [substeps] water them with soda.") == "can water them with soda."
 
 
-def test_hellaswag_matches_independent_hf_torch_scoring(model_dir, tmp_path):
-    directory, torch_model = model_dir
+@pytest.mark.torch
+def test_hellaswag_matches_independent_hf_torch_scoring(model_dir, torch_model, tmp_path):
+    directory = model_dir
     data = tmp_path / "hellaswag_val.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in HELLASWAG))
     items = load_hellaswag(data)
@@ -247,8 +253,8 @@ def test_hellaswag_bad_label(tmp_path):
 
 def test_acc_norm_divides_by_choice_characters(monkeypatch, phi3_vocab):
     """acc picks the highest log-likelihood; acc_norm the highest per character of the choice."""
-    import eval.multiple_choice as mc
-    from eval.multiple_choice import Item, score_items
+    import phi3jax.eval.multiple_choice as mc
+    from phi3jax.eval.multiple_choice import Item, score_items
     from phi3jax.tokenizer import Tokenizer
 
     # "a" (1 char): -2 -> -2 per char; "bbbbbbbbbb" (10 chars): -10 -> -1 per char.

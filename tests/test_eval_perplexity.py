@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import sentencepiece as spm
-from testmodels import make_random_phi3, make_run_dir
+from testmodels import load_torch_model, make_random_phi3, make_run_dir
 
-from eval.perplexity import perplexity, read_documents, windows
-from phi3jax.cli import main
+from phi3jax.cli.main import main
 from phi3jax.convert.hf import load_hf
+from phi3jax.eval.perplexity import perplexity, read_documents, windows
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog. It was not amused, and neither was the farmer.",
@@ -24,9 +24,12 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, phi3_vocab):
-    directory = tmp_path_factory.mktemp("ppl_model")
-    torch_model = make_random_phi3(directory, seed=3)
-    return directory, torch_model
+    return make_random_phi3(tmp_path_factory.mktemp("ppl_model"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def torch_model(model_dir):
+    return load_torch_model(model_dir)
 
 
 def hf_token_nll(torch_model, ids: list[int]) -> np.ndarray:
@@ -57,8 +60,9 @@ def hf_windowed_nll(torch_model, ids: list[int], seq_len: int, stride: int) -> l
     return list(scored.values())
 
 
-def test_perplexity_equals_exp_mean_nll_of_hf_torch(model_dir, tmp_path):
-    directory, torch_model = model_dir
+@pytest.mark.torch
+def test_perplexity_equals_exp_mean_nll_of_hf_torch(model_dir, torch_model, tmp_path):
+    directory = model_dir
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     out = tmp_path / "ppl.json"
@@ -79,7 +83,7 @@ def test_perplexity_equals_exp_mean_nll_of_hf_torch(model_dir, tmp_path):
 
 def test_run_directory_and_step_directory_give_the_hf_result(model_dir, tmp_path, capsys):
     """--ckpt RUN_DIR (its latest step) and --ckpt RUN_DIR/checkpoints/<step> score like --hf-dir."""
-    directory, _ = model_dir
+    directory = model_dir
     run = make_run_dir(directory, tmp_path / "run", step=10)
     data = tmp_path / "doc.txt"
     data.write_text(DOCS[0])
@@ -95,9 +99,10 @@ def test_run_directory_and_step_directory_give_the_hf_result(model_dir, tmp_path
 
 
 @pytest.mark.parametrize("stride", [32, 12])
-def test_sliding_windows_match_hf_torch(model_dir, stride):
+@pytest.mark.torch
+def test_sliding_windows_match_hf_torch(model_dir, torch_model, stride):
     """A 200-token document through 32-token windows: disjoint (stride 32) and overlapping (12)."""
-    directory, torch_model = model_dir
+    directory = model_dir
     cfg, params = load_hf(directory)
     sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     ids = sp.encode(" ".join(DOCS * 3))[:200]
@@ -145,7 +150,7 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys, content, name, messa
 
 
 def test_missing_data_file_and_missing_checkpoint(tmp_path, capsys, model_dir):
-    assert main(["eval", "perplexity", "--hf-dir", str(model_dir[0]), "--data", str(tmp_path / "nope.txt")]) == 2
+    assert main(["eval", "perplexity", "--hf-dir", str(model_dir), "--data", str(tmp_path / "nope.txt")]) == 2
     assert "no data file" in capsys.readouterr().err
     data = tmp_path / "a.txt"
     data.write_text("hello")

@@ -1,4 +1,4 @@
-"""phi3jax.host_memory: on a CPU-only Linux host, memory XLA frees is reused without page faults.
+"""phi3jax.cli.process (host memory): on a CPU-only Linux host, memory XLA frees is reused without page faults.
 
 Each check runs a fresh interpreter, since glibc reads its tunables only when a process starts.
 What is counted is page faults (getrusage) and buffer addresses, not time: a 64 MB result
@@ -18,11 +18,11 @@ import textwrap
 
 import pytest
 
-from phi3jax import host_memory
+from phi3jax.cli import process as host_memory
 
 PROGRAM = textwrap.dedent("""
     import json, os, resource
-    from phi3jax.host_memory import memory_reuse_active, reexec_with_memory_reuse
+    from phi3jax.cli.process import memory_reuse_active, reexec_with_memory_reuse
 
     pid = os.getpid()
     reexec_with_memory_reuse()  # may start this program over, in place

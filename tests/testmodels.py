@@ -7,7 +7,7 @@ import pathlib
 import shutil
 
 import numpy as np
-from conftest import PHI3_VOCAB, make_hf_model
+from conftest import PHI3_VOCAB, make_hf_dir
 
 from phi3jax.tokenizer import PHI3_VOCAB_SIZE
 
@@ -20,12 +20,19 @@ def copy_tokenizer(directory: str | os.PathLike) -> None:
     shutil.copy(PHI3_VOCAB / "tokenizer.model", pathlib.Path(directory) / "tokenizer.model")
 
 
-def make_random_phi3(directory: str | os.PathLike, seed: int = 0, **overrides):
-    """A random 2-layer HF Phi-3 (hidden 64) with Phi-3's 32064-token vocabulary and tokenizer.
-    Returns the torch model."""
-    model = make_hf_model(directory, seed=seed, **{**PHI3_IDS, **overrides})
+def make_random_phi3(directory: str | os.PathLike, seed: int = 0, **overrides) -> pathlib.Path:
+    """A random 2-layer HF Phi-3 (hidden 64) with Phi-3's 32064-token vocabulary and tokenizer (no torch)."""
+    make_hf_dir(directory, seed=seed, **{**PHI3_IDS, **overrides})
     copy_tokenizer(directory)
-    return model
+    return pathlib.Path(directory)
+
+
+def load_torch_model(directory: str | os.PathLike):
+    """transformers' own Phi3ForCausalLM (PyTorch, float32) on a directory's weights: the reference."""
+    import torch
+    import transformers
+
+    return transformers.Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def make_hello_world_model(directory: str | os.PathLike) -> None:

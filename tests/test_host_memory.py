@@ -110,7 +110,7 @@ def test_accelerator_or_opt_out_keeps_defaults(monkeypatch):
 
 def test_cli_names_only_real_subcommands():
     # A renamed subcommand would silently lose the reuse; the dispatcher's list must match its commands.
-    from phi3jax import cli
+    from phi3jax.cli import main as cli
 
     commands = cli.build_parser()._subparsers._group_actions[0].choices
     assert set(cli.RUNS_MODEL) <= set(commands), (cli.RUNS_MODEL, sorted(commands))

@@ -7,7 +7,7 @@ import pathlib
 import shutil
 
 import numpy as np
-from conftest import PHI3_VOCAB, longrope_parameters, make_hf_model
+from conftest import PHI3_VOCAB, longrope_parameters, make_hf_dir
 
 # The real 32064-token vocabulary, so the tokenizer and GGUF vocab tests use Phi-3's ids.
 PHI3_IDS = dict(vocab_size=32064, pad_token_id=32000, eos_token_id=32000, bos_token_id=1)
@@ -29,11 +29,11 @@ CONVERSATIONS = [
 TOKENS = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889, 32010, 13, 15043, 32007]
 
 
-def make_phi3_hf_dir(directory: str | os.PathLike, dtype: str = "float32", seed: int = 0, **overrides):
-    """A random-weight transformers Phi-3 with the real vocabulary's ids and tokenizer.model."""
-    model = make_hf_model(directory, seed=seed, dtype=dtype, **{**PHI3_IDS, **overrides})
+def make_phi3_hf_dir(directory: str | os.PathLike, dtype: str = "float32", seed: int = 0, **overrides) -> pathlib.Path:
+    """A random-weight Hugging Face Phi-3 directory with the real vocabulary's ids and tokenizer.model."""
+    make_hf_dir(directory, seed=seed, dtype=dtype, **{**PHI3_IDS, **overrides})
     shutil.copyfile(PHI3_VOCAB / "tokenizer.model", pathlib.Path(directory) / "tokenizer.model")
-    return model
+    return pathlib.Path(directory)
 
 
 def reference_tokenisations() -> list[tuple[str, list[int]]]:
@@ -46,7 +46,7 @@ def reference_tokenisations() -> list[tuple[str, list[int]]]:
 
 def raw_tensors(directory: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """name -> (dtype, shape, raw bytes) of every tensor of a safetensors directory."""
-    from phi3jax.convert.hf import SafetensorsReader
+    from phi3jax.convert.safetensors import SafetensorsReader
 
     reader = SafetensorsReader(os.fspath(directory))
     out = {}

@@ -10,8 +10,9 @@ from convert_util import GQA_LONGROPE, make_phi3_hf_dir
 
 from phi3jax.config import Phi3Config
 from phi3jax.convert.gguf import add_metadata, read_gguf_tensors, to_gguf
-from phi3jax.convert.hf import SafetensorsReader, hf_shapes
+from phi3jax.convert.keys import hf_shapes
 from phi3jax.convert.orbax import hf_to_orbax
+from phi3jax.convert.safetensors import SafetensorsReader
 from phi3jax.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("phi3_vocab")
@@ -109,8 +110,9 @@ def test_quantised_weights_dequantise_to_the_originals(model):
     original = SafetensorsReader(str(model / "hf"))
     limits = {"f32": 0.0, "f16": 1e-3, "q8_0": 0.01, "q4_0": 0.12}
     for quant, limit in limits.items():
-        weights = read_gguf_tensors(to_gguf(model / f"d-{quant}.gguf", hf_dir=model / "hf", quant=quant))
-        assert set(weights) == set(hf_shapes(Phi3Config.from_hf(model / "hf")))
+        cfg = Phi3Config.from_hf(model / "hf")
+        weights = read_gguf_tensors(to_gguf(model / f"d-{quant}.gguf", hf_dir=model / "hf", quant=quant), cfg)
+        assert set(weights) == set(hf_shapes(cfg))
         for name, arr in weights.items():
             ref = original.get(name).astype(np.float32)
             assert arr.shape == ref.shape, name

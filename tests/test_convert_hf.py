@@ -81,7 +81,7 @@ def test_run_directory_is_what_train_and_generate_read(exported):
     np.testing.assert_array_equal(forward(params, cfg, [TOKENS]), forward(ref_params, ref_cfg, [TOKENS]))
     assert tok.encode("<|user|>\nHi<|end|>") == [32010, 6324, 32007]
     # Restoring onto shardings (what a trainer does) gives jax arrays.
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
+    shardings = jax.tree.map(lambda _: jax.sharding.make_single_device_sharding(jax.devices()[0]), params)
     restored = ckpt.restore_params(str(exported / "run"), 0, cfg, shardings=shardings)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
 
@@ -93,6 +93,7 @@ def test_stacked_leaves_are_stored_one_chunk_per_layer(exported):
             assert meta.storage.chunk_shape[0] == 1, path
 
 
+@pytest.mark.torch
 def test_exported_hf_directory_matches_phi3jax_logits_in_transformers(exported):
     import torch
     import transformers

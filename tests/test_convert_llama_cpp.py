@@ -10,12 +10,15 @@ How llama.cpp is run, and why:
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from convert_util import CONVERSATIONS, GQA_LONGROPE, TOKENS, make_phi3_hf_dir, reference_tokenisations
+from safetensors.numpy import save_file
 
 from phi3jax.convert.gguf import read_gguf_tensors, to_gguf
-from phi3jax.convert.hf import load_hf, params_from_hf_tensors
+from phi3jax.convert.hf import load_hf
 from phi3jax.model import Phi3
 from phi3jax.tokenizer import Tokenizer
 
@@ -29,6 +32,15 @@ def phi3jax_logits(params, cfg, tokens, long_rope: bool = False) -> np.ndarray:
     positions = np.arange(len(tokens), dtype=np.int32)[None]
     logits, _ = Phi3(cfg).apply({"params": params}, ids, positions, long_rope=long_rope)
     return np.asarray(logits[0])
+
+
+def load_weights(hf_dir, weights: dict[str, np.ndarray], out) -> dict:
+    """phi3jax params (float32) of `hf_dir`'s model with its tensors replaced by `weights` (HF names)."""
+    out.mkdir()
+    shutil.copy(hf_dir / "config.json", out / "config.json")
+    save_file({name: np.ascontiguousarray(arr, np.float32) for name, arr in weights.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    return load_hf(out, dtype="float32")[1]
 
 
 def llama_cpp_logits(path, tokens, n_ctx: int) -> np.ndarray:
@@ -75,11 +87,10 @@ def _relative_errors(theirs: np.ndarray, ours: np.ndarray) -> tuple[float, float
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("name", ["plain", "longrope"])
-def test_quantised_gguf_gives_phi3jax_logits_on_the_dequantised_weights(models, quant, name):
+def test_quantised_gguf_gives_phi3jax_logits_on_the_dequantised_weights(models, quant, name, tmp_path):
     cfg, _ = load_hf(str(models / name), dtype="float32")
     path = to_gguf(models / f"{name}-{quant}.gguf", hf_dir=models / name, quant=quant)
-    weights = read_gguf_tensors(path)
-    params = params_from_hf_tensors(weights.__getitem__, cfg, np.dtype(np.float32))
+    params = load_weights(models / name, read_gguf_tensors(path, cfg), tmp_path / "dequantised")
     ours = phi3jax_logits(params, cfg, TOKENS)
     theirs = llama_cpp_logits(path, TOKENS, 64 if name == "plain" else 256)
     rms, worst = _relative_errors(theirs, ours)
@@ -88,8 +99,7 @@ def test_quantised_gguf_gives_phi3jax_logits_on_the_dequantised_weights(models, 
     assert rms < max_rms and worst < max_worst
 
     # The tolerance does tell layouts apart: gate and up swapped in phi3jax's copy is far outside it.
-    params["layers"]["mlp"]["gate"], params["layers"]["mlp"]["up"] = (params["layers"]["mlp"]["up"],
-                                                                       params["layers"]["mlp"]["gate"])
+    params["layers"]["mlp"]["gate_up"] = params["layers"]["mlp"]["gate_up"][:, :, ::-1]
     assert _relative_errors(theirs, phi3jax_logits(params, cfg, TOKENS))[0] > 10 * TOLERANCE[quant][0]
 
 

@@ -14,10 +14,11 @@ import pytest
 import yaml
 from convert_util import make_phi3_hf_dir
 
-from phi3jax.cli import main
+from phi3jax.cli.main import main
 from phi3jax.convert.gguf import GGUFExportError, to_gguf
-from phi3jax.convert.hf import CheckpointError, HFSource, SafetensorsReader, SafetensorsWriter
+from phi3jax.convert.hf import HFSource
 from phi3jax.convert.orbax import OrbaxSource, hf_to_orbax, orbax_to_hf
+from phi3jax.convert.safetensors import CheckpointError, SafetensorsReader, SafetensorsWriter
 
 pytestmark = pytest.mark.usefixtures("phi3_vocab")
 
@@ -163,18 +164,21 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(src, tmp_pat
 def test_a_failed_conversion_leaves_no_output_and_keeps_the_old_one(src, tmp_path, monkeypatch):
     calls = []
 
-    def broken_layer(self, l):
+    def broken_layer(self, key, l):
+        if l is None:  # a top-level leaf: read on
+            return original[type(self)](self, key, l)
         calls.append(l)
         raise OSError(f"disk gone while reading layer {l}")
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "precious").write_text("precious")
-    monkeypatch.setattr(OrbaxSource, "layer", broken_layer)
+    original = {OrbaxSource: OrbaxSource.leaf, HFSource: HFSource.leaf}
+    monkeypatch.setattr(OrbaxSource, "leaf", broken_layer)
     with pytest.raises(OSError, match="disk gone"):
         orbax_to_hf(src / "run", tmp_path / "old", force=True)
     with pytest.raises(OSError, match="disk gone"):
         to_gguf(tmp_path / "new.gguf", ckpt=src / "run")
-    monkeypatch.setattr(HFSource, "layer", broken_layer)
+    monkeypatch.setattr(HFSource, "leaf", broken_layer)
     with pytest.raises(OSError, match="disk gone"):
         hf_to_orbax(src / "hf", tmp_path / "new")
     assert calls  # the failures happened mid-conversion, after the outputs were started

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from phi3jax import cli, plan
+from phi3jax.cli import main as cli
+from phi3jax.cli import plan
 from phi3jax.config import Phi3Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,8 +132,8 @@ def test_multi_slice_plan_puts_the_data_axis_across_slices():
     p = json.loads(proc.stdout)
     assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1} and p["fits"]
     # The hybrid mesh: every row of the data axis is one slice.
-    script = ("from phi3jax import plan, sharding; t = plan.parse_target('v5e:2x2', 2); "
-              "m = sharding.make_mesh({}, devices=plan.topology_devices(t)); "
+    script = ("from phi3jax import parallel; from phi3jax.cli import plan; t = plan.parse_target('v5e:2x2', 2); "
+              "m = parallel.make_mesh({}, devices=plan.topology_devices(t)); "
               "print([sorted({d.slice_index for d in m.devices[i].flat}) for i in range(2)])")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

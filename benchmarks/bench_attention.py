@@ -75,7 +75,7 @@ def attention_fn(impl: str, platform: str):
     if impl in ("xla", "cudnn"):
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     if impl == "splash":
-        from phi3jax.attention import _splash
+        from phi3jax.ops.attention import _splash
 
         return lambda q, k, v: _splash(q, k, v, causal=True)
     raise ValueError(impl)

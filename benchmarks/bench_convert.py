@@ -99,7 +99,10 @@ def make_checkpoint(directory: pathlib.Path, cfg, seed: int = 0) -> None:
     """A random bfloat16 HF checkpoint of `cfg`'s shape, written tensor by tensor (no torch)."""
     import numpy as np
 
-    from phi3jax.convert.hf import NP_DTYPES, hf_shapes, write_hf_tensors, write_json
+    from phi3jax.convert.files import write_json
+    from phi3jax.convert.hf import write_hf_tensors
+    from phi3jax.convert.keys import hf_shapes
+    from phi3jax.convert.safetensors import NP_DTYPES
 
     rng = np.random.default_rng(seed)
     bf16 = NP_DTYPES["bfloat16"]
@@ -116,7 +119,7 @@ def make_checkpoint(directory: pathlib.Path, cfg, seed: int = 0) -> None:
     config["torch_dtype"] = "bfloat16"
     write_json(str(directory / "config.json"), config)
     write_hf_tensors(tensors(), cfg, str(directory), bf16, max_shard_bytes=5 * 10**9, progress=True)
-    vocab = REPO.parent / "shared" / "data" / "phi3-vocab" / "tokenizer.model"
+    vocab = REPO / "tests" / "data" / "phi3-vocab" / "tokenizer.model"
     if vocab.is_file() and cfg.vocab_size == 32064:
         shutil.copyfile(vocab, directory / "tokenizer.model")
 
@@ -134,7 +137,7 @@ def child(step: str, src: pathlib.Path, out: pathlib.Path) -> dict:
 
 def verify_round_trip(a: pathlib.Path, b: pathlib.Path) -> bool:
     """Every tensor of two HF directories bit-identical, compared one tensor at a time."""
-    from phi3jax.convert.hf import SafetensorsReader
+    from phi3jax.convert.safetensors import SafetensorsReader
 
     ra, rb = SafetensorsReader(str(a)), SafetensorsReader(str(b))
     if ra.names() != rb.names():

@@ -4,9 +4,8 @@ Same config, same float32 weights, same tokens, one process, torch limited to th
 count JAX gets. Also measures this machine's limits in the same run: float32 matmul GFLOP/s
 and memory bandwidth (decode of a float32 model is bounded by bandwidth / weight bytes read per
 token). Greedy decode is also timed in llama.cpp (llama-cpp-python, a dev dependency) on the same
-weights exported to a float32 GGUF, when the Phi-3 tokenizer (../shared/data/phi3-vocab) is there
-for the export. And the jit compile time of a 32-layer model against a 4-layer one (nn.scan keeps
-it flat).
+weights exported to a float32 GGUF (with the Phi-3 tokenizer the tests carry, tests/data/phi3-vocab).
+And the jit compile time of a 32-layer model against a 4-layer one (nn.scan keeps it flat).
 
     python benchmarks/bench_model.py            # the CPU config
     python benchmarks/bench_model.py --quick    # a smaller config, to check the script
@@ -37,8 +36,8 @@ from _measure import interleaved_medians, matmul_gflops, timeit  # noqa: E402
 from phi3jax import forward, generate, load_hf  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
 from phi3jax.convert.gguf import to_gguf  # noqa: E402
-from phi3jax.generate import inference_params  # noqa: E402
-from phi3jax.model import _forward, init_params  # noqa: E402
+from phi3jax.inference.generate import inference_params  # noqa: E402
+from phi3jax.model import init_params, logits_fn  # noqa: E402
 
 try:
     import llama_cpp  # noqa: E402
@@ -50,7 +49,7 @@ torch.set_num_threads(THREADS)
 CONFIG = dict(vocab_size=32064, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
               original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
-PHI3_TOKENIZER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "phi3-vocab" / "tokenizer.model"
+PHI3_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "phi3-vocab" / "tokenizer.model"
 QUICK = dict(CONFIG, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4)
 
@@ -120,7 +119,7 @@ def bench_decode(hf, cfg, params, directory: str, prompt_len: int, new_tokens: i
                                pad_token_id=cfg.pad_token_id)
 
     hf_tokens = hf_run()[0, prompt_len:].numpy()
-    params = inference_params(params, cfg)  # made once, as `phi3jax generate` / `chat` do at load
+    params = inference_params(params)  # made once, as `phi3jax generate` / `chat` do at load
 
     def ours_run():
         return generate(params, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=[], chunk_size=new_tokens)
@@ -149,7 +148,7 @@ def compile_seconds(layers: int, config: dict) -> float:
     params = jax.eval_shape(lambda: init_params(cfg, 0))
     tokens = jax.ShapeDtypeStruct((4, 512), jnp.int32)
     start = time.perf_counter()
-    jax.jit(_forward, static_argnums=1).lower(params, cfg, tokens, None, None, None).compile()
+    jax.jit(logits_fn, static_argnums=1).lower(params, cfg, tokens).compile()
     return time.perf_counter() - start
 
 

@@ -32,7 +32,7 @@ import transformers  # noqa: E402
 from _measure import interleaved_medians, matmul_gflops  # noqa: E402
 
 from phi3jax import load_hf  # noqa: E402
-from phi3jax.host_memory import reexec_with_memory_reuse  # noqa: E402
+from phi3jax.cli.process import reexec_with_memory_reuse  # noqa: E402
 from phi3jax.train.metrics import train_flops_per_token  # noqa: E402
 from phi3jax.train.step import OptimConfig, init_train_state, make_optimizer, train_step  # noqa: E402
 

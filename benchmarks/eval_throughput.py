@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.multiple_choice import evaluate, load_mmlu  # noqa: E402
-from eval.perplexity import perplexity  # noqa: E402
-from phi3jax.chat import ChatSession  # noqa: E402
+from phi3jax.cli.chat import ChatSession  # noqa: E402
 from phi3jax.config import Phi3Config  # noqa: E402
+from phi3jax.eval.multiple_choice import evaluate, load_mmlu  # noqa: E402
+from phi3jax.eval.perplexity import perplexity  # noqa: E402
 from phi3jax.model import init_params  # noqa: E402
 from phi3jax.tokenizer import Tokenizer  # noqa: E402
 

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi3jax import plan as plan_lib
-from phi3jax import sharding
+from phi3jax import parallel
+from phi3jax.cli import plan as plan_lib
 from phi3jax.config import Phi3Config
+from phi3jax.train import state as train_state
 from phi3jax.train.step import OptimConfig, make_optimizer
 
 
@@ -49,10 +50,10 @@ def main() -> None:
     result["plan"] = dataclasses.asdict(plan)
     print(plan_lib.format_plan(plan), flush=True)
 
-    mesh = sharding.make_mesh({"fsdp": -1})
+    mesh = parallel.make_mesh({"fsdp": -1})
     optimizer = make_optimizer(OptimConfig(warmup_steps=0), 1000)
     t0 = time.perf_counter()
-    state = sharding.sharded_init(cfg, mesh, optimizer, 0)
+    state = train_state.sharded_init(cfg, mesh, optimizer, 0)
     jax.block_until_ready(state)
     result["init_seconds"] = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -61,8 +62,8 @@ def main() -> None:
              "loss_mask": np.ones((args.batch, args.seq), np.float32),
              "segment_ids": np.ones((args.batch, args.seq), np.int32),
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
-    batch = sharding.put_batch(batch, mesh)
-    step = sharding.make_train_step(cfg, mesh, optimizer)
+    batch = parallel.put_batch(batch, mesh)
+    step = train_state.make_train_step(cfg, mesh, optimizer)
     times, losses = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()

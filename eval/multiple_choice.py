@@ -45,10 +45,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from phi3jax.eval.loglikelihood import encode_pair, loglikelihoods
-from phi3jax.eval.perplexity import EvalDataError
 
 from phi3jax.config import Phi3Config
+from phi3jax.eval.loglikelihood import encode_pair, loglikelihoods
+from phi3jax.eval.perplexity import EvalDataError
 from phi3jax.model import Params
 
 LETTERS = ("A", "B", "C", "D")

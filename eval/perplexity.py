@@ -26,9 +26,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from phi3jax.eval.loglikelihood import Row, score_rows
-
 from phi3jax.config import Phi3Config
+from phi3jax.eval.loglikelihood import Row, score_rows
 from phi3jax.model import Params
 
 BOS_CONVENTION = ("each document is encoded on its own and prefixed with BOS; BOS is never a target, "

@@ -210,7 +210,7 @@ def step_temp_bytes() -> dict[str, int]:
     from phi3jax import parallel
     from phi3jax.config import Phi3Config
     from phi3jax.train import state as state_lib
-    from phi3jax.train.data import BATCH_KEYS
+    from phi3jax.train.batch import BATCH_KEYS
 
     cfg = Phi3Config.preset("tiny", vocab_size=4096, num_hidden_layers=2, remat_policy="full")
     temps = {}

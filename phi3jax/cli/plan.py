@@ -282,7 +282,7 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
 
     from phi3jax import parallel
     from phi3jax.train import state as state_lib
-    from phi3jax.train.data import BATCH_KEYS
+    from phi3jax.train.batch import BATCH_KEYS
     from phi3jax.train.step import OptimConfig, make_optimizer
 
     cfg = inputs.cfg.replace(**{k: v for k, v in (overrides or {}).items() if v is not None})

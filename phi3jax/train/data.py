@@ -29,10 +29,10 @@ import grain
 import numpy as np
 
 from phi3jax.tokenizer import CHAT_ROLES, Tokenizer
+from phi3jax.train.batch import BATCH_KEYS
 
 CHAT_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 ARRAY_RECORD_EXTENSIONS = (".array_record", ".arrayrecord")
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 class DataError(ValueError):

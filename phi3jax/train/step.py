@@ -1,12 +1,7 @@
 """The loss, the optimiser and one training step: pure functions, jit- and mesh-ready.
 
-A batch is a dict of [B, T] arrays (`phi3jax.train.data.BATCH_KEYS`):
-    inputs       int32  token ids fed to the model
-    targets      int32  the next token of each input (anything where loss_mask is 0)
-    loss_mask    float32 1 where the target counts (not padding, not a document boundary,
-                 only assistant tokens in chat fine-tuning)
-    segment_ids  int32  document id of each token in a packed row (0 = padding)
-    positions    int32  position of each token within its document
+A batch is a dict of [B, T] arrays: `inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`
+(`phi3jax.train.batch` says what each holds).
 
 The loss is the mean token NLL over all counted tokens of the global batch. With gradient
 accumulation the batch is split into `accum_steps` micro-batches whose *summed* NLL and
@@ -27,7 +22,7 @@ import optax
 from phi3jax import rope
 from phi3jax.config import Phi3Config
 from phi3jax.model import Params, Phi3
-from phi3jax.train.data import BATCH_KEYS
+from phi3jax.train.batch import BATCH_KEYS
 
 Batch = dict[str, jax.Array]
 

@@ -11,7 +11,7 @@ from train_with_faults import fault_hook
 from trainutil import run_train_py, small_config, write_config, write_corpus
 
 from phi3jax.train import checkpoint as ckpt
-from phi3jax.train import loop as trainer
+from phi3jax.train import loop
 from phi3jax.train.metrics import read_metrics
 
 STEPS, SAVE_EVERY = 12, 4
@@ -35,7 +35,7 @@ def corpus(tmp_path_factory):
 def reference(tmp_path_factory, corpus):
     """The uninterrupted run."""
     cfg = small_config(tmp_path_factory.mktemp("reference") / "run", corpus, steps=STEPS, save_every=SAVE_EVERY)
-    assert trainer.train(cfg).step == STEPS
+    assert loop.train(cfg).step == STEPS
     return cfg.run_dir
 
 
@@ -61,13 +61,13 @@ def test_killed_and_restarted_runs_match_an_uninterrupted_run_bit_for_bit(tmp_pa
     ckpt.load_run(run_dir)  # ...and whatever is listed restores
 
     # 3. Resume (in this process); SIGTERM after step 10 saves and returns cleanly.
-    third = trainer.train(cfg, on_step=fault_hook("sigterm_after_step:10"))
+    third = loop.train(cfg, on_step=fault_hook("sigterm_after_step:10"))
     assert third.status == "preempted" and third.step == 10
     assert "SIGTERM: saved step 10" in capsys.readouterr().out
     assert ckpt.list_steps(run_dir)[-1] == 10
 
     # 4. Resume to the end.
-    assert trainer.train(cfg).step == STEPS
+    assert loop.train(cfg).step == STEPS
     assert "resuming at step 10" in capsys.readouterr().out
 
     ref_losses, ref_steps = _losses(reference)
@@ -80,7 +80,7 @@ def test_killed_and_restarted_runs_match_an_uninterrupted_run_bit_for_bit(tmp_pa
 
 def test_a_finished_run_rerun_does_nothing_more(reference):
     before = _losses(reference)
-    result = trainer.train(small_config(reference, _corpus_of(reference), steps=STEPS, save_every=SAVE_EVERY))
+    result = loop.train(small_config(reference, _corpus_of(reference), steps=STEPS, save_every=SAVE_EVERY))
     assert result.step == STEPS and _losses(reference) == before
 
 

@@ -14,7 +14,7 @@ from trainutil import small_config, write_corpus
 from phi3jax.cli.train import main as train_main
 from phi3jax.config import Phi3Config
 from phi3jax.train import checkpoint as ckpt
-from phi3jax.train import loop as trainer
+from phi3jax.train import loop
 from phi3jax.train import state as state_lib
 from phi3jax.train.config import TrainConfigError
 from phi3jax.train.metrics import read_metrics
@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory, corpus):
     cfg = small_config(run_dir, corpus, steps=6, save_every=3, keep_checkpoints=2,
                        **{"data.val_fraction": 0.2, "log.every": 2, "log.eval_every": 3, "log.tensorboard": True,
                           "log.plot": True, "log.baselines": True, "log.sample_prompt": "The", "log.sample_tokens": 8})
-    return cfg, trainer.train(cfg)
+    return cfg, loop.train(cfg)
 
 
 def test_run_directory_holds_every_artifact(finished_run):
@@ -82,7 +82,7 @@ def test_the_default_recipe_loss_falls_on_the_default_corpus(tmp_path):
                              "save_every=15", "optim.warmup_steps=5", "log.every=1", "log.eval_every=0",
                              "log.progress_bar=false", "log.tensorboard=false", "log.plot=false",
                              "log.sample_prompt=", "data.vocab_size=1024"])
-    result = trainer.train(cfg)
+    result = loop.train(cfg)
     losses = [r["loss"] for r in read_metrics(result.run_dir) if r["split"] == "train"]
     assert len(losses) == 15
     assert np.mean(losses[-4:]) < np.mean(losses[:3]) - 0.7, losses
@@ -100,7 +100,7 @@ def test_fine_tuning_starts_from_a_params_only_run_dir(tmp_path, finished_run, c
     ckpt.save_params(str(converted), 0, params, model_cfg)
     cfg = small_config(tmp_path / "ft", corpus, steps=2, init_from=f"ckpt:{converted}",
                        **{"optim.learning_rate": 1e-9, "optim.warmup_steps": 0})
-    result = trainer.train(cfg)
+    result = loop.train(cfg)
     # Starting from the source weights, a ~0 learning rate leaves its loss where the source ended.
     first = [r for r in read_metrics(result.run_dir) if r["split"] == "train"][0]["loss"]
     src_last = [r for r in read_metrics(src.run_dir) if r["split"] == "train"][-1]["loss"]
@@ -109,7 +109,7 @@ def test_fine_tuning_starts_from_a_params_only_run_dir(tmp_path, finished_run, c
     np.testing.assert_allclose(np.asarray(ft_params["embed"]), np.asarray(params["embed"]), atol=1e-6)
     # Running train.py on the params-only directory itself is refused with the fix.
     with pytest.raises(TrainConfigError, match="init_from=ckpt"):
-        trainer.train(small_config(converted, corpus))
+        loop.train(small_config(converted, corpus))
 
 
 def test_init_from_hf_fine_tunes_a_hugging_face_checkpoint(tmp_path, corpus):
@@ -123,11 +123,11 @@ def test_init_from_hf_fine_tunes_a_hugging_face_checkpoint(tmp_path, corpus):
                               str(hf / "tokenizer.model"))
     assert tok.vocab_size <= 512
     cfg = small_config(tmp_path / "ft", corpus, steps=2, init_from=f"hf:{hf}", model={"dtype": "float32"})
-    result = trainer.train(cfg)
+    result = loop.train(cfg)
     loaded, _, _ = ckpt.load_run(result.run_dir)
     assert loaded.hidden_size == 64 and loaded.vocab_size == 512
     with pytest.raises(TrainConfigError, match="model.hidden_size"):
-        trainer.train(small_config(tmp_path / "ft2", corpus, init_from=f"hf:{hf}", model={"hidden_size": 32}))
+        loop.train(small_config(tmp_path / "ft2", corpus, init_from=f"hf:{hf}", model={"hidden_size": 32}))
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
@@ -140,8 +140,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(state_lib, "train_step", poisoned)
     cfg = small_config(tmp_path / "nan", corpus, steps=8, save_every=2)
-    with pytest.raises(trainer.TrainingDiverged, match=r"loss is nan at step 5.*last good checkpoint is step 4"):
-        trainer.train(cfg)
+    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 5.*last good checkpoint is step 4"):
+        loop.train(cfg)
     assert ckpt.list_steps(cfg.run_dir) == [2, 4]
     monkeypatch.setattr(state_lib, "train_step", real_step)
     cfg4, params, _ = ckpt.load_run(cfg.run_dir)
@@ -163,7 +163,7 @@ def test_bad_run_settings_are_clear_errors(tmp_path, corpus, override, message):
                                                                                .model, **v}
                                                    for k, v in override.items()})
     with pytest.raises(TrainConfigError, match=message):
-        trainer.train(cfg)
+        loop.train(cfg)
 
 
 def test_train_py_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
@@ -203,7 +203,7 @@ def test_chat_fine_tuning_runs_with_the_phi3_tokenizer(tmp_path, phi3_vocab):
     chats = pathlib.Path(__file__).resolve().parent.parent / "configs" / "data" / "chat_example.jsonl"
     cfg = small_config(tmp_path / "sft", str(chats), steps=2, **{"data.format": "chat",
                                                                  "data.tokenizer": str(phi3_vocab)})
-    result = trainer.train(cfg)
+    result = loop.train(cfg)
     model_cfg, _, tok = ckpt.load_run(result.run_dir)
     assert model_cfg.vocab_size == 32064 and tok.token_id("<|end|>") == 32007
     # Counted tokens per step: the assistant replies of the packed conversations, never the whole rows.

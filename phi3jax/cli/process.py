@@ -59,6 +59,8 @@ def prepare(reuse_memory: bool = True) -> None:
     settings where they apply (`reexec_with_memory_reuse`)."""
     if "JAX_PLATFORMS" not in os.environ and not accelerator_attached():
         os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:  # jax read the variable when it was imported: tell its config too
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
     if reuse_memory:
         reexec_with_memory_reuse()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -134,57 +134,40 @@ def hf_keys(cfg: Phi3Config) -> list[Key]:
             Key("model.norm.weight", "output_norm.weight", "final_norm/scale", (d,)), *head]
 
 
-def top_keys(cfg: Phi3Config) -> list[Key]:
-    return [k for k in hf_keys(cfg) if not k.per_layer]
-
-
 def layer_keys(cfg: Phi3Config) -> list[Key]:
     return [k for k in hf_keys(cfg) if k.per_layer]
 
 
+def _tensors(cfg: Phi3Config) -> list[tuple[str, int | None, list[Key]]]:
+    """(HF tensor template, layer or None, its keys by row) for every tensor, in HF's file order:
+    the embedding, then layer by layer, then the rest."""
+    by_tensor: dict[str, list[Key]] = {}
+    for key in hf_keys(cfg):
+        by_tensor.setdefault(key.hf, []).append(key)
+    layer = [t for t, ks in by_tensor.items() if ks[0].per_layer]
+    top = [t for t in by_tensor if t not in layer]
+    order = [(top[0], None)] + [(t, l) for l in range(cfg.num_hidden_layers) for t in layer]
+    order += [(t, None) for t in top[1:]]
+    return [(t, l, sorted(by_tensor[t], key=lambda k: k.row_start)) for t, l in order]
+
+
 def hf_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor name a HF Phi-3 checkpoint of this config holds, with its shape, in file order."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    rows: dict[str, int] = {}
-    for key in hf_keys(cfg):
-        for layer in range(cfg.num_hidden_layers) if key.per_layer else (None,):
-            name = key.hf_name(layer)
-            rows[name] = rows.get(name, 0) + key.num_rows
-            shapes[name] = (rows[name], math.prod(key.in_dims)) if key.in_dims else key.out_dims
-    return {name: shapes[name] for name in _file_order(cfg)}
+    shapes = {}
+    for template, layer, keys in _tensors(cfg):
+        rows = sum(k.num_rows for k in keys)
+        shapes[template.format(l=layer)] = (rows, math.prod(keys[0].in_dims)) if keys[0].in_dims else keys[0].out_dims
+    return shapes
 
 
 def gguf_names(cfg: Phi3Config) -> dict[str, str]:
     """HF tensor name -> llama.cpp's name, for every tensor of this config."""
-    return {k.hf_name(layer): k.gguf_name(layer) for k in hf_keys(cfg)
-            for layer in (range(cfg.num_hidden_layers) if k.per_layer else (None,))}
+    return {keys[0].hf_name(layer): keys[0].gguf_name(layer) for _, layer, keys in _tensors(cfg)}
 
 
-def _file_order(cfg: Phi3Config) -> list[str]:
-    names: list[str] = []
-    top, layer = top_keys(cfg), layer_keys(cfg)
-    for key in top[:1]:  # the embedding, then the layers, then the rest
-        names.append(key.hf_name())
-    for l in range(cfg.num_hidden_layers):
-        names += list(dict.fromkeys(k.hf_name(l) for k in layer))
-    names += [k.hf_name() for k in top[1:]]
-    return names
-
-
-def hf_tensors_of(cfg: Phi3Config, leaf: Callable[[Key, int | None], np.ndarray]):
+def hf_tensors_of(cfg: Phi3Config, leaf: Callable[[Key, int | None], np.ndarray]
+                  ) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) in file order, each built from the leaves `leaf(key, layer)` gives."""
-    by_name: dict[str, list[Key]] = {}
-    for key in hf_keys(cfg):
-        by_name.setdefault(key.hf, []).append(key)
-    for name in _file_order(cfg):
-        template, layer = _template_of(name, by_name)
-        parts = [k.to_hf(leaf(k, layer)) for k in sorted(by_name[template], key=lambda k: k.row_start)]
-        yield name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-
-def _template_of(name: str, by_name: dict[str, list[Key]]) -> tuple[str, int | None]:
-    if name in by_name:
-        return name, None
-    parts = name.split(".")
-    layer = int(parts[2])
-    return ".".join([*parts[:2], "{l}", *parts[3:]]), layer
+    for template, layer, keys in _tensors(cfg):
+        parts = [k.to_hf(leaf(k, layer)) for k in keys]
+        yield template.format(l=layer), parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

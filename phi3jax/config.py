@@ -27,6 +27,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 # Activation rematerialisation of each layer (phi3jax.model maps the names to JAX's policies).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+# LoRA targets, named after Hugging Face's Phi-3 modules (qkv_proj, o_proj, gate_up_proj, down_proj).
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")
+# How LoRA's frozen base projections are stored: a float dtype, or quantized (phi3jax.ops.quant).
+LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")
 
 # config.json keys that we read (or knowingly ignore); anything else is reported.
 _IGNORED_HF_KEYS = {
@@ -400,3 +404,48 @@ PRESETS: dict[str, Phi3Config] = {
                        original_max_position_embeddings=2048, sliding_window=None, bos_token_id=1,
                        eos_token_id=(2,), pad_token_id=0),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the projections: y = x W + (alpha / rank) * dropout(x) A B.
+
+    As PEFT: A starts uniform(+-1/sqrt(fan_in)) and B at zero, so training starts at the base model.
+    `targets` names HF's Phi-3 modules without `_proj`; `base_dtype` is how the frozen projection
+    weights are stored (`int8` / `nf4`: QLoRA, dequantized inside each layer). Hashable, so it can
+    be a static argument of `jax.jit`.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    base_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if isinstance(targets, str):
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        if not isinstance(targets, (list, tuple)):
+            raise ConfigError(f"lora.targets={targets!r}: must be a list (or comma-separated names) out of "
+                              f"{LORA_TARGETS}")
+        object.__setattr__(self, "targets", tuple(targets))
+        checks = [
+            ("rank", isinstance(self.rank, int) and self.rank >= 1, "must be a positive integer"),
+            ("alpha", self.alpha > 0, "must be > 0 (the adapters are scaled by alpha / rank)"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            ("targets", bool(self.targets) and set(self.targets) <= set(LORA_TARGETS)
+             and len(set(self.targets)) == len(self.targets), f"must be distinct names out of {LORA_TARGETS}"),
+            ("base_dtype", self.base_dtype in LORA_BASE_DTYPES, f"must be one of {LORA_BASE_DTYPES}"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"lora.{name}={getattr(self, name)!r}: {what}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def quantized(self) -> bool:
+        return self.base_dtype in ("int8", "nf4")

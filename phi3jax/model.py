@@ -37,7 +37,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from phi3jax import rope
-from phi3jax.config import Phi3Config
+from phi3jax.config import LoraConfig, Phi3Config
+from phi3jax.ops import quant
 from phi3jax.ops.attention import attention, decode_attention
 from phi3jax.ops.kv_cache import KVCache
 from phi3jax.parallel import axes as ax
@@ -61,6 +62,50 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[st
     return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
 
 
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str | None, ...],
+            n_in: int = 1) -> jax.Array:
+    """A projection weight whose first `n_in` axes are contracted. A frozen QLoRA base stores it
+    quantized in blocks along its last input axis (`phi3jax.ops.quant`): it is expanded here, inside
+    the layer, so no more than one layer's weight is ever in full precision."""
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if quant.is_quantized(stored):
+            return quant.dequantize(stored, n_in - 1, jnp.dtype(module.cfg.dtype))
+    return _param(module, name, shape, names)
+
+
+def _lora_in(module: nn.Module, x: jax.Array, target: str, names: tuple[str | None, ...]) -> jax.Array | None:
+    """dropout(x) @ A of the adapter on `target` ([B, T, rank]; x's trailing axes are contracted),
+    or None when the target has no adapter."""
+    lora: LoraConfig | None = module.lora
+    if lora is None or target not in lora.targets:
+        return None
+    n_in = len(names)
+    fan_in = int(np.prod(x.shape[x.ndim - n_in:]))
+    init = nn.initializers.uniform(scale=2.0 / np.sqrt(fan_in))  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+
+    def init_a(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return init(rng, shape, jnp.float32) - 1.0 / np.sqrt(fan_in)
+
+    a = module.variable("lora", f"{target}_a", nn.with_logical_partitioning(init_a, names + (None,)),
+                        module.make_rng("params") if module.is_initializing() else None,
+                        x.shape[x.ndim - n_in:] + (lora.rank,)).value
+    if lora.dropout > 0 and module.has_rng("dropout"):
+        x = nn.Dropout(lora.dropout, deterministic=False)(x, rng=module.make_rng("dropout"))
+    return jnp.tensordot(x, a.astype(x.dtype), axes=n_in)
+
+
+def _lora_out(module: nn.Module, z_btr: jax.Array | None, name: str, out_shape: tuple[int, ...],
+              names: tuple[str | None, ...]) -> jax.Array | float:
+    """scale * z @ B for the adapter output `name` (B [rank, *out_shape], zero at init), or 0."""
+    if z_btr is None:
+        return 0.0
+    lora: LoraConfig = module.lora
+    b = module.variable("lora", name, nn.with_logical_partitioning(nn.initializers.zeros, (None,) + names),
+                        None, (lora.rank,) + out_shape, jnp.float32).value
+    return jnp.tensordot(z_btr, (b * lora.scale).astype(z_btr.dtype), axes=1)
+
+
 def _constrain(module: nn.Module, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if module.mesh is None:
         return x
@@ -80,9 +125,10 @@ class RMSNorm(nn.Module):
         return x32.astype(x_btd.dtype) * scale.astype(x_btd.dtype)
 
 
-def _project(x_btd: jax.Array, w_dn: jax.Array) -> list[jax.Array]:
-    """x @ w for each weight of a stack w [D, n, ...]: one matmul, split on the stacked axis."""
-    out = jnp.einsum("btd,dn...->btn...", x_btd, w_dn.astype(x_btd.dtype))
+def _project(x_btd: jax.Array, w_dn: jax.Array, delta: jax.Array | float = 0.0) -> list[jax.Array]:
+    """x @ w (+ a LoRA delta) for each weight of a stack w [D, n, ...]: one matmul, split on the
+    stacked axis."""
+    out = jnp.einsum("btd,dn...->btn...", x_btd, w_dn.astype(x_btd.dtype)) + delta
     return [out[:, :, i] for i in range(w_dn.shape[1])]
 
 
@@ -92,6 +138,7 @@ class Attention(nn.Module):
 
     cfg: Phi3Config
     mesh: Any = None
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None,
@@ -99,12 +146,19 @@ class Attention(nn.Module):
                  ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        z = _lora_in(self, x_btd, "qkv", (ax.EMBED,))  # one A for q, k and v, as PEFT's qkv_proj
         if h == kv:
-            q, k, v = _project(x_btd, _param(self, "qkv", (d, 3, h, hd), (ax.EMBED, None, ax.HEADS, ax.HEAD_DIM)))
+            names = (None, ax.HEADS, ax.HEAD_DIM)
+            q, k, v = _project(x_btd, _weight(self, "qkv", (d, 3, h, hd), (ax.EMBED, *names)),
+                               _lora_out(self, z, "qkv_b", (3, h, hd), names))
         else:
-            (q,) = _project(x_btd, _param(self, "q", (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM))[:, None])
-            k, v = _project(x_btd, _param(self, "kv", (d, 2, kv, hd), (ax.EMBED, None, ax.KV_HEADS, ax.HEAD_DIM)))
-        w_o = _param(self, "o", (h, hd, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED))
+            w_q = _weight(self, "q", (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM))
+            dq = _lora_out(self, z, "q_b", (h, hd), (ax.HEADS, ax.HEAD_DIM))
+            (q,) = _project(x_btd, w_q[:, None], dq if z is None else dq[:, :, None])
+            names = (None, ax.KV_HEADS, ax.HEAD_DIM)
+            k, v = _project(x_btd, _weight(self, "kv", (d, 2, kv, hd), (ax.EMBED, *names)),
+                            _lora_out(self, z, "kv_b", (2, kv, hd), names))
+        w_o = _weight(self, "o", (h, hd, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), n_in=2)
         q = _constrain(self, rope.apply_rope(q, cos, sin), (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, ax.HEAD_DIM))
         k = _constrain(self, rope.apply_rope(k, cos, sin), (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, ax.HEAD_DIM))
         v = _constrain(self, v, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, ax.HEAD_DIM))
@@ -123,6 +177,7 @@ class Attention(nn.Module):
                                    impl=cfg.attention_impl, mesh=self.mesh)[:, None]
         out = checkpoint_name(out, "attn_out")
         y = jnp.einsum("bthk,hkd->btd", out, w_o.astype(x_btd.dtype))
+        y = y + _lora_out(self, _lora_in(self, out, "o", (ax.HEADS, ax.HEAD_DIM)), "o_b", (d,), (ax.EMBED,))
         return _constrain(self, y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), cache
 
 
@@ -131,13 +186,17 @@ class MLP(nn.Module):
 
     cfg: Phi3Config
     mesh: Any = None
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         d, i = self.cfg.hidden_size, self.cfg.intermediate_size
-        gate, up = _project(x_btd, _param(self, "gate_up", (d, 2, i), (ax.EMBED, None, ax.MLP)))
+        z = _lora_in(self, x_btd, "gate_up", (ax.EMBED,))
+        gate, up = _project(x_btd, _weight(self, "gate_up", (d, 2, i), (ax.EMBED, None, ax.MLP)),
+                            _lora_out(self, z, "gate_up_b", (2, i), (None, ax.MLP)))
         hidden = _constrain(self, up * nn.silu(gate), (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
-        y = jnp.einsum("btf,fd->btd", hidden, _param(self, "down", (i, d), (ax.MLP, ax.EMBED)).astype(x_btd.dtype))
+        y = jnp.einsum("btf,fd->btd", hidden, _weight(self, "down", (i, d), (ax.MLP, ax.EMBED)).astype(x_btd.dtype))
+        y = y + _lora_out(self, _lora_in(self, hidden, "down", (ax.MLP,)), "down_b", (d,), (ax.EMBED,))
         return _constrain(self, y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
 
@@ -146,15 +205,16 @@ class DecoderLayer(nn.Module):
 
     cfg: Phi3Config
     mesh: Any = None
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, KVCache | None], layer: jax.Array, cos: jax.Array,
                  sin: jax.Array, segment_ids_bt: jax.Array | None, cache_offset_b: jax.Array | None):
         x, cache = carry
-        attn_out, cache = Attention(self.cfg, self.mesh, name="attn")(
+        attn_out, cache = Attention(self.cfg, self.mesh, self.lora, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x), cos, sin, segment_ids_bt, cache, layer, cache_offset_b)
         x = x + attn_out
-        x = x + MLP(self.cfg, self.mesh, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        x = x + MLP(self.cfg, self.mesh, self.lora, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         return (_constrain(self, x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), cache), None
 
 
@@ -169,6 +229,7 @@ class Phi3(nn.Module):
     cfg: Phi3Config
     mesh: Any = None
     scan_layers: bool = True
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, *,
@@ -191,15 +252,17 @@ class Phi3(nn.Module):
         if self.scan_layers:
             # No broadcast outputs, so flax's extra trace that checks them is skipped: it would keep
             # effectful ops (a Pallas call) alive and reject the scan body.
-            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0},
+                            split_rngs={"params": True, "dropout": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: ax.LAYERS},
                             check_constancy_invariants=False)
             layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, cache), _ = stack(cfg, self.mesh, name="layers")((x, cache), layers, *args)
+            (x, cache), _ = stack(cfg, self.mesh, self.lora, name="layers")((x, cache), layers, *args)
         else:
             for i in range(cfg.num_hidden_layers):
-                (x, cache), _ = layer_cls(cfg, self.mesh, name=f"layers_{i}")((x, cache), jnp.int32(i), *args)
+                layer = layer_cls(cfg, self.mesh, self.lora, name=f"layers_{i}")
+                (x, cache), _ = layer((x, cache), jnp.int32(i), *args)
         x = RMSNorm(cfg, name="final_norm")(x)
 
         if logits_index_b is not None:  # only the positions whose next token is needed

@@ -27,7 +27,8 @@ def layer_of(module: str) -> str:
     if module in APP_MODULES or module.startswith("phi3jax.cli"):
         return "apps"
     for prefix, layer in (("phi3jax.parallel", "parallel"), ("phi3jax.ops", "ops"), ("pallas_kernels", "ops"),
-                          ("phi3jax.model", "model"), ("phi3jax.rope", "model"), ("phi3jax.inference", "services"),
+                          ("phi3jax.model", "model"), ("phi3jax.rope", "model"),
+                          ("phi3jax.lora", "model"), ("phi3jax.inference", "services"),
                           ("phi3jax.train", "services"), ("phi3jax.convert", "services"), ("phi3jax.eval", "services")):
         if module == prefix or module.startswith(prefix + "."):
             return layer

@@ -91,10 +91,10 @@ class SafetensorsReader:
     is parsed and checked up front, so a truncated or corrupt file fails before anything is written.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, single_file: str = SINGLE_FILE):
         self.directory = directory
         index = os.path.join(directory, INDEX_FILE)
-        single = os.path.join(directory, SINGLE_FILE)
+        single = os.path.join(directory, single_file)
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
                 try:
@@ -112,7 +112,7 @@ class SafetensorsReader:
                     "safetensors only, since unpickling can run arbitrary code. Convert once, in an environment "
                     "you trust, with transformers: AutoModelForCausalLM.from_pretrained(DIR, torch_dtype='auto')"
                     ".save_pretrained(OUT) (safetensors is its default), then convert OUT")
-            raise CheckpointError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}")
+            raise CheckpointError(f"{directory} has no {single_file} or {INDEX_FILE}")
         self._headers: dict[str, tuple[dict[str, dict[str, Any]], int]] = {}
         self._handles: dict[str, Any] = {}
         self.block_bytes_read = 0  # by get_block: what sharded loading actually copied

@@ -126,11 +126,13 @@ def save_params(run_dir: str, step: int, params: Params, cfg: Phi3Config) -> Non
         manager.wait_until_finished()
 
 
-def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = None) -> Params:
+def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = None, abstract: Any = None
+                   ) -> Params:
     """Params of a checkpoint step, cast to cfg.param_dtype, placed per `shardings` if given
     (else on this process's first device, whatever topology saved them: a pod's checkpoint
-    loads on a laptop)."""
-    abstract = abstract_params(cfg)
+    loads on a laptop). `abstract`: the tree to restore (default: the model's parameters; a LoRA
+    run passes its adapters')."""
+    abstract = abstract_params(cfg) if abstract is None else abstract
     if shardings is None:
         device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

@@ -3,10 +3,11 @@
     python train.py --config configs/tiny.yaml steps=500 optim.learning_rate=1e-3 model.remat_policy=full
 
 Sections: `model` (a preset and/or any Phi3Config field), `data`, `optim`, `mesh`,
-`distributed`, `log`; top-level keys: `run_dir`, `steps`, `batch_size` (global), `seq_len`,
-`seed`, `save_every`, `keep_checkpoints`, `async_checkpointing`, `init_from`. The dataclass
-defaults *are* the CPU default recipe (`configs/tiny.yaml` spells them out). Every key is
-checked: an unknown key or a value of the wrong type is a `TrainConfigError` naming the key.
+`distributed`, `log`, `lora` (absent: full training); top-level keys: `run_dir`, `steps`,
+`batch_size` (global), `seq_len`, `seed`, `save_every`, `keep_checkpoints`,
+`async_checkpointing`, `init_from`. The dataclass defaults *are* the CPU default recipe
+(`configs/tiny.yaml` spells them out). Every key is checked: an unknown key or a value of the
+wrong type is a `TrainConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from phi3jax.config import ConfigError, Phi3Config
+from phi3jax.config import ConfigError, LoraConfig, Phi3Config
 from phi3jax.parallel import DistributedConfig, MeshConfig
 from phi3jax.train.step import OptimConfig
 
@@ -82,6 +83,7 @@ class TrainConfig:
     keep_checkpoints: int | None = 3  # None keeps all
     async_checkpointing: bool = True
     init_from: str | None = None  # hf:DIR | ckpt:RUN_DIR_OR_STEP_DIR
+    lora: LoraConfig | None = None  # train low-rank adapters on the frozen init_from model (LoRA / QLoRA)
     name: str = DEFAULT_CONFIG_NAME  # the config's name (its file stem): names the default run_dir
 
     # ------------------------------------------------------------- derived
@@ -137,6 +139,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         kind, _, where = cfg.init_from.partition(":")
         need(kind in ("hf", "ckpt") and bool(where), "init_from", cfg.init_from,
              "must be 'hf:HF_DIR' or 'ckpt:RUN_DIR_OR_STEP_DIR'")
+    need(cfg.lora is None or cfg.init_from is not None, "lora", cfg.lora,
+         "LoRA adapts an existing model: set init_from=hf:HF_DIR or init_from=ckpt:RUN_DIR")
     model_section(cfg)  # unknown model keys / bad presets fail here
 
 

@@ -9,6 +9,10 @@ for bit, as one that never stopped. SIGTERM (a TPU preemption notice) saves and 
 Scale-out: the mesh comes from the `mesh:` section (`phi3jax.parallel`; docs/scaling.md). The
 state is created, loaded or restored directly in its sharded layout, every step and evaluation
 runs over the mesh, and each process feeds only its own rows of the global batch.
+
+LoRA (`lora:` section): the `init_from` model is the frozen base, loaded (and quantized, for
+QLoRA) one layer at a time straight into its sharded layout; only the adapters are trained, held
+in the optimiser and saved. A resumed LoRA run loads its base again from `init_from`.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phi3jax import lora as lora_lib
 from phi3jax import parallel
-from phi3jax.config import RUNTIME_FIELDS, Phi3Config
+from phi3jax.config import RUNTIME_FIELDS, LoraConfig, Phi3Config
 from phi3jax.inference.generate import generate, stop_tokens
-from phi3jax.model import param_shardings
+from phi3jax.model import abstract_params, param_shardings
 from phi3jax.tokenizer import Tokenizer
 from phi3jax.train import baselines
 from phi3jax.train import checkpoint as ckpt
@@ -77,6 +82,7 @@ class Run:
     start_step: int
     baselines: dict[str, float]
     logger: metrics_lib.MetricsLogger
+    frozen: Any = None  # LoRA: the frozen base the adapters (state.params) modify
 
     @property
     def primary(self) -> bool:
@@ -89,7 +95,7 @@ class Run:
         """(mean validation loss, validation tokens), or None without a validation split."""
         total = count = 0.0
         for batch in self.val_batches:
-            t, c = self.eval_fn(self.state.params, self.put_batch(batch))
+            t, c = self.eval_fn(self.state.params, self.put_batch(batch))  # LoRA: the base is bound in
             total, count = total + float(t), count + float(c)
         return (total / count, count) if count else None
 
@@ -131,7 +137,9 @@ def _check_model_overrides(cfg: TrainConfig, base: Phi3Config, where: str) -> Ph
 
 def _load_init_source(spec: str, param_dtype: str | None, mesh: Any) -> tuple[Phi3Config, Any, str]:
     """(config, params, tokenizer location) of init_from=hf:DIR | ckpt:PATH, each device's shards
-    read straight onto it."""
+    read straight onto it (a LoRA run: its base with the adapters merged in)."""
+    from phi3jax.convert.lora import load_lora_run, run_lora
+
     kind, _, where = spec.partition(":")
     if kind == "hf":
         from phi3jax.convert.hf import load_hf
@@ -139,10 +147,44 @@ def _load_init_source(spec: str, param_dtype: str | None, mesh: Any) -> tuple[Ph
         cfg, params = load_hf(where, dtype=param_dtype, mesh=mesh)
         return cfg, params, where
     run_dir, step = ckpt.resolve_checkpoint(where)
+    if run_lora(run_dir) is not None:
+        cfg, params, _ = load_lora_run(where, dtype=param_dtype)
+        return cfg, jax.device_put(params, param_shardings(cfg, mesh)), run_dir
     cfg = ckpt.model_config(run_dir)
     if param_dtype:
         cfg = cfg.replace(param_dtype=param_dtype)
     return cfg, ckpt.restore_params(run_dir, step, cfg, shardings=param_shardings(cfg, mesh)), run_dir
+
+
+def _load_lora_base(cfg: TrainConfig, lora: LoraConfig, run_dir: str, resuming: bool, mesh: Any
+                    ) -> tuple[Phi3Config, Tokenizer, Any, Any]:
+    """(model config, tokenizer, frozen base, adapters to start from or None) of a LoRA run."""
+    from phi3jax.convert.lora import check_same_model, load_base, open_base, restore_adapters, run_lora
+
+    _, fields = model_section(cfg)
+    source, start = open_base(cfg.init_from)
+    base_cfg, frozen = load_base(source, lora, mesh, param_dtype=fields.get("param_dtype"))
+    tok_source = start[0] if start else getattr(source, "directory", None) or source.run_dir
+    if resuming:
+        saved = run_lora(run_dir)
+        if saved is None or saved[0] != lora:
+            raise TrainConfigError(f"lora={lora} differs from the run being resumed ({run_dir}: "
+                                   f"{saved[0] if saved else 'not a LoRA run'}); resume with the same lora settings")
+        check_same_model(ckpt.model_config(run_dir), base_cfg, run_dir)
+        return (_check_model_overrides(cfg, base_cfg, f"the base ({cfg.init_from})"), Tokenizer.load(run_dir),
+                frozen, None)
+    if jax.process_index() == 0:
+        ckpt.copy_tokenizer_files(tok_source, run_dir)
+    model_cfg = _check_model_overrides(cfg, base_cfg, cfg.init_from)
+    adapters = None
+    if start is not None:
+        parent, _ = run_lora(start[0])
+        if (parent.rank, parent.targets) != (lora.rank, lora.targets):
+            raise TrainConfigError(f"init_from={cfg.init_from} has adapters of rank {parent.rank} on {parent.targets}; "
+                                   f"lora.rank and lora.targets must match them to continue training")
+        adapters = restore_adapters(start[0], start[1], model_cfg, lora,
+                                    lora_lib.adapter_shardings(model_cfg, lora, mesh))
+    return model_cfg, Tokenizer.load(tok_source), frozen, adapters
 
 
 def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: Callable[[], Any], mesh: Any
@@ -182,6 +224,11 @@ def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config) -> dict[str, Any]:
     out = cfg.to_dict()
     preset, _ = model_section(cfg)
     out["model"] = {"preset": preset, **ckpt.model_fields(model_cfg)}
+    if cfg.init_from:  # absolute, so a LoRA run finds its base from anywhere
+        kind, _, where = cfg.init_from.partition(":")
+        out["init_from"] = f"{kind}:{os.path.abspath(where)}"
+    if cfg.lora is None:
+        out.pop("lora", None)
     return out
 
 
@@ -208,8 +255,13 @@ def setup(cfg: TrainConfig) -> Run:
         train_idx, val_idx = data_lib.split_train_val(docs, d.val_fraction, cfg.data_seed)
         val_docs = docs
     mesh = _mesh_for(cfg)
-    model_cfg, tokenizer, init = _resolve_model(cfg, run_dir, resuming,
-                                                lambda: (_doc_text(docs[int(i)]) for i in train_idx), mesh)
+    lora, frozen, adapters = cfg.lora, None, None
+    if lora is not None:
+        model_cfg, tokenizer, frozen, adapters = _load_lora_base(cfg, lora, run_dir, resuming, mesh)
+        init = None
+    else:
+        model_cfg, tokenizer, init = _resolve_model(cfg, run_dir, resuming,
+                                                    lambda: (_doc_text(docs[int(i)]) for i in train_idx), mesh)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                f"{model_cfg.vocab_size}; use the model's own tokenizer")
@@ -227,14 +279,17 @@ def setup(cfg: TrainConfig) -> Run:
     val_batches = data_lib.eval_batches(val_docs, val_idx, tokenizer, max_batches=cfg.log.eval_batches, **common)
 
     optimizer = make_optimizer(cfg.optim, cfg.steps)
-    shardings = state_lib.state_shardings(model_cfg, mesh, optimizer)
+    shardings = state_lib.state_shardings(model_cfg, mesh, optimizer, lora)
     manager = ckpt.checkpoint_manager(run_dir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
     base_rng = jax.random.key(cfg.seed)
     meta: dict[str, Any] = {}
     if resuming:  # onto this run's mesh, whichever mesh saved it
-        abstract = state_lib.abstract_state(model_cfg, mesh, optimizer)
+        abstract = state_lib.abstract_state(model_cfg, mesh, optimizer, lora)
         params, opt_state, meta = ckpt.restore_train_state(manager, manager.latest_step(), abstract.params,
                                                            abstract.opt_state, data_iter)
+    elif lora is not None:  # adapters only: fresh (B = 0) or those of the init_from LoRA run
+        fresh = state_lib.sharded_lora_init(model_cfg, lora, mesh, optimizer, base_rng, adapters)
+        params, opt_state = fresh.params, fresh.opt_state
     elif init is not None:
         params = jax.tree.map(lambda x: x.astype(model_cfg.param_dtype), init)
         opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
@@ -247,12 +302,18 @@ def setup(cfg: TrainConfig) -> Run:
                                        primary=process_index == 0, tensorboard=cfg.log.tensorboard,
                                        progress_bar=cfg.log.progress_bar)
     base = _baselines(cfg, docs, train_idx, val_batches, tokenizer, model_cfg) if process_index == 0 else {}
+    step_fn = state_lib.make_train_step(model_cfg, mesh, optimizer, accum_steps=cfg.optim.accum_steps, lora=lora,
+                                        seed=cfg.seed)
+    eval_fn = state_lib.make_eval_step(model_cfg, mesh, lora)
+    if lora is not None:  # the frozen base is an argument of every step, bound here
+        lora_step, lora_eval = step_fn, eval_fn
+        step_fn = lambda state, batch: lora_step(state, batch, frozen)  # noqa: E731
+        eval_fn = lambda adapters, batch: lora_eval(adapters, batch, frozen)  # noqa: E731
     return Run(cfg=cfg, run_dir=run_dir, resuming=resuming, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                data_iter=data_iter, val_batches=val_batches, manager=manager,
-               state=state_lib.state_at_step(params, opt_state, start_step, mesh),
-               step_fn=state_lib.make_train_step(model_cfg, mesh, optimizer, accum_steps=cfg.optim.accum_steps),
-               eval_fn=state_lib.make_eval_step(model_cfg, mesh), rng=rng, base_rng=base_rng,
-               tokens_seen=int(meta.get("tokens_seen", 0)), start_step=start_step, baselines=base, logger=logger)
+               state=state_lib.state_at_step(params, opt_state, start_step, mesh), step_fn=step_fn, eval_fn=eval_fn,
+               rng=rng, base_rng=base_rng, tokens_seen=int(meta.get("tokens_seen", 0)), start_step=start_step,
+               baselines=base, logger=logger, frozen=frozen)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -282,9 +343,16 @@ def _announce(run: Run) -> None:
     cfg, model_cfg = run.cfg, run.model_cfg
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
     processes = jax.process_count()
+    what = f"model {n_params / 1e6:.2f}M params"
+    if cfg.lora is not None:
+        n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.frozen))
+        if cfg.lora.quantized:
+            n_base = lora_lib.count(abstract_params(model_cfg))
+        what = (f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}: {n_params / 1e6:.2f}M trained params "
+                f"({100 * n_params / n_base:.2f}% of {n_base / 1e6:.1f}M, base as {cfg.lora.base_dtype})")
     run.logger.print(
         f"run_dir {run.run_dir} | {'resuming at step ' + str(run.start_step) if run.resuming else 'new run'} | "
-        f"model {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size} | {cfg.batch_size} x {cfg.seq_len} tokens "
+        f"{what}, vocab {model_cfg.vocab_size} | {cfg.batch_size} x {cfg.seq_len} tokens "
         f"per step on {jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
         f"{parallel.describe_mesh(run.mesh)}" + (f", {processes} processes" if processes > 1 else ""))
     if run.baselines:
@@ -371,9 +439,15 @@ def _finish(run: Run, status: str, seconds: float) -> TrainResult:
         if cfg.log.sample_prompt and jax.process_count() > 1:
             run.logger.print("sample skipped: generating from parameters spread over several processes is not "
                              "supported; `phi3jax generate --ckpt` the run instead")
+        elif cfg.log.sample_prompt and cfg.lora is not None and cfg.lora.quantized:
+            run.logger.print("sample skipped: generating merges the adapters into a full-precision copy of the base; "
+                             "`phi3jax generate --ckpt` the run (or `convert merge-lora`) where that fits")
         elif cfg.log.sample_prompt:
             chat = cfg.data.format == "chat"
-            sample = _sample(run.state.params, run.model_cfg, run.tokenizer, cfg, chat)
+            params = run.state.params
+            if cfg.lora is not None:
+                params = lora_lib.merge(run.frozen, params, run.model_cfg, cfg.lora)
+            sample = _sample(params, run.model_cfg, run.tokenizer, cfg, chat)
             if run.primary:
                 shown = (f"<|user|> {cfg.log.sample_prompt}\n<|assistant|> {sample}" if chat
                          else f"{cfg.log.sample_prompt}{sample}")

@@ -21,7 +21,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from phi3jax.config import Phi3Config
+from phi3jax import lora as lora_lib
+from phi3jax.config import LoraConfig, Phi3Config
 from phi3jax.model import Params, Phi3, abstract_params, param_shardings
 from phi3jax.parallel import batch_sharding
 from phi3jax.train.step import TrainState, init_train_state, loss_sums, train_step
@@ -31,22 +32,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_shardings(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation) -> TrainState:
-    """TrainState of shardings: parameters by the rules, optimiser moments like their parameters,
-    scalars (step, counts) replicated."""
-    p_shard = param_shardings(cfg, mesh)
-    abstract = jax.eval_shape(optimizer.init, abstract_params(cfg))
+def trained_shardings(cfg: Phi3Config, mesh: Mesh, lora: LoraConfig | None = None) -> Params:
+    """Shardings of what is trained: the parameters, or with `lora` the adapters."""
+    return param_shardings(cfg, mesh) if lora is None else lora_lib.adapter_shardings(cfg, lora, mesh)
+
+
+def trained_abstract(cfg: Phi3Config, lora: LoraConfig | None = None) -> Params:
+    return abstract_params(cfg) if lora is None else lora_lib.abstract_adapters(cfg, lora)
+
+
+def state_shardings(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
+                    lora: LoraConfig | None = None) -> TrainState:
+    """TrainState of shardings: parameters (or adapters) by the rules, optimiser moments like
+    their parameters, scalars (step, counts) replicated."""
+    p_shard = trained_shardings(cfg, mesh, lora)
+    abstract = jax.eval_shape(optimizer.init, trained_abstract(cfg, lora))
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract, p_shard,
                                       transform_non_params=lambda _: replicated(mesh))
     return TrainState(step=replicated(mesh), params=p_shard, opt_state=opt_shard)
 
 
-def abstract_state(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation) -> TrainState:
+def abstract_state(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
+                   lora: LoraConfig | None = None) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the whole train state: what an ahead-of-time compile
     lowers on, and the target of a restore onto `mesh`."""
-    shapes = jax.eval_shape(lambda params: init_train_state(params, optimizer), abstract_params(cfg))
+    shapes = jax.eval_shape(lambda params: init_train_state(params, optimizer), trained_abstract(cfg, lora))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, state_shardings(cfg, mesh, optimizer))
+                        shapes, state_shardings(cfg, mesh, optimizer, lora))
+
+
+def sharded_lora_init(cfg: Phi3Config, lora: LoraConfig, mesh: Mesh, optimizer: optax.GradientTransformation,
+                      rng: jax.Array | int = 0, adapters: Params | None = None) -> TrainState:
+    """A LoRA TrainState born sharded: fresh adapters (or `adapters`) and their optimiser state."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    shardings = state_shardings(cfg, mesh, optimizer, lora)
+    if adapters is None:
+        adapters = jax.jit(lambda r: lora_lib.init_adapters(cfg, lora, r), out_shardings=shardings.params)(rng)
+    return jax.jit(lambda a: init_train_state(a, optimizer), out_shardings=shardings)(adapters)
 
 
 def sharded_init(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
@@ -73,20 +96,35 @@ def state_at_step(params: Params, opt_state: Any, step: int, mesh: Mesh) -> Trai
 
 
 def make_train_step(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation,
-                    accum_steps: int = 1, donate: bool = True) -> Any:
-    """`state, metrics = step(state, batch)` over `mesh`: the state's and the batch's shardings
-    fixed, the state donated (updated in place). `.lower(...)` takes ShapeDtypeStructs too (an
-    ahead-of-time compile for a topology that is not attached)."""
-    shardings = state_shardings(cfg, mesh, optimizer)
+                    accum_steps: int = 1, donate: bool = True, lora: LoraConfig | None = None, seed: int = 0) -> Any:
+    """`state, metrics = step(state, batch)` over `mesh` (with `lora`: `step(state, batch, frozen)`,
+    the base as the third argument, never donated): the shardings fixed, the state donated
+    (updated in place). `.lower(...)` takes ShapeDtypeStructs too (an ahead-of-time compile for a
+    topology that is not attached)."""
+    shardings = state_shardings(cfg, mesh, optimizer, lora)
+    out = (shardings, replicated(mesh))
+    donate_argnums = (0,) if donate else ()
+    if lora is None:
+        def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+            return train_step(state, batch, cfg, optimizer, accum_steps, mesh)
 
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        return train_step(state, batch, cfg, optimizer, accum_steps, mesh)
+        return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=out,
+                       donate_argnums=donate_argnums)
 
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+    def lora_step(state: TrainState, batch: dict[str, jax.Array], frozen: Params
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+        return train_step(state, batch, cfg, optimizer, accum_steps, mesh, frozen, lora, seed)
+
+    return jax.jit(lora_step, in_shardings=(shardings, batch_sharding(mesh), lora_lib.base_shardings(cfg, lora, mesh)),
+                   out_shardings=out, donate_argnums=donate_argnums)
 
 
-def make_eval_step(cfg: Phi3Config, mesh: Mesh) -> Any:
-    """`(nll_sum, count) = eval_step(params, batch)` over `mesh`."""
-    return jax.jit(lambda params, batch: loss_sums(params, cfg, batch, mesh),
-                   in_shardings=(param_shardings(cfg, mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
+def make_eval_step(cfg: Phi3Config, mesh: Mesh, lora: LoraConfig | None = None) -> Any:
+    """`(nll_sum, count) = eval_step(params, batch)` over `mesh` (with `lora`:
+    `eval_step(adapters, batch, frozen)`)."""
+    if lora is None:
+        return jax.jit(lambda params, batch: loss_sums(params, cfg, batch, mesh),
+                       in_shardings=(param_shardings(cfg, mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(lambda adapters, batch, frozen: loss_sums(adapters, cfg, batch, mesh, frozen=frozen, lora=lora),
+                   in_shardings=(trained_shardings(cfg, mesh, lora), batch_sharding(mesh),
+                                 lora_lib.base_shardings(cfg, lora, mesh)), out_shardings=replicated(mesh))

@@ -3,6 +3,9 @@
 A batch is a dict of [B, T] arrays: `inputs`, `targets`, `loss_mask`, `segment_ids`, `positions`
 (`phi3jax.train.batch` says what each holds).
 
+LoRA: `params` (what is trained) are the adapters, `frozen` the base they modify, `lora` their
+settings; the gradient, the optimiser and the checkpoints see only the adapters.
+
 The loss is the mean token NLL over all counted tokens of the global batch. With gradient
 accumulation the batch is split into `accum_steps` micro-batches whose *summed* NLL and
 token counts are accumulated, so the result equals one step on the whole batch exactly
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from phi3jax import rope
-from phi3jax.config import Phi3Config
+from phi3jax.config import LoraConfig, Phi3Config
 from phi3jax.model import Params, Phi3
 from phi3jax.train.batch import BATCH_KEYS
 
@@ -94,13 +97,17 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def token_nll(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None) -> jax.Array:
+def token_nll(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None, *, frozen: Params | None = None,
+              lora: LoraConfig | None = None, rng: jax.Array | None = None) -> jax.Array:
     """Per-token negative log-likelihood [B, T] (float32) of batch['targets']. mesh: the Mesh the
-    batch and parameters are laid out on (None: one device)."""
+    batch and parameters are laid out on (None: one device). With `lora`, `params` are the adapters
+    on the base `frozen`; `rng` drives their dropout (None: no dropout)."""
     positions = batch["positions"]
     long_rope = rope.use_long_factors(cfg, jnp.max(positions) + 1)
-    logits, _ = Phi3(cfg, mesh).apply({"params": params}, batch["inputs"], positions,
-                                      segment_ids_bt=batch["segment_ids"], long_rope=long_rope)
+    variables = {"params": params} if lora is None else {"params": frozen, "lora": params}
+    logits, _ = Phi3(cfg, mesh, lora=lora).apply(variables, batch["inputs"], positions,
+                                                 segment_ids_bt=batch["segment_ids"], long_rope=long_rope,
+                                                 rngs={"dropout": rng} if rng is not None else None)
     # logsumexp minus the target's logit, over a [B*T, V] view: the same value as
     # optax.softmax_cross_entropy_with_integer_labels, with a ~20% cheaper backward on CPU (no full
     # log-softmax materialised for the gradient).
@@ -110,10 +117,11 @@ def token_nll(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None) -
     return (jax.nn.logsumexp(flat, axis=-1) - target).reshape(b, t)
 
 
-def loss_sums(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None) -> tuple[jax.Array, jax.Array]:
-    """(sum of counted token NLLs, number of counted tokens)."""
+def loss_sums(params: Params, cfg: Phi3Config, batch: Batch, mesh: Any = None, **lora_args: Any
+              ) -> tuple[jax.Array, jax.Array]:
+    """(sum of counted token NLLs, number of counted tokens); `lora_args` as `token_nll`'s."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_nll(params, cfg, batch, mesh) * mask), jnp.sum(mask)
+    return jnp.sum(token_nll(params, cfg, batch, mesh, **lora_args) * mask), jnp.sum(mask)
 
 
 def _split_micro(batch: Batch, k: int) -> Batch:
@@ -125,30 +133,41 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     return {key: split(batch[key]) for key in BATCH_KEYS}
 
 
-def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: int = 1, mesh: Any = None
+def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: int = 1, mesh: Any = None,
+                   frozen: Params | None = None, lora: LoraConfig | None = None, rng: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array, Params]:
-    """(mean loss, counted tokens, gradient of the mean loss), accumulated over micro-batches."""
+    """(mean loss, counted tokens, gradient of the mean loss wrt `params`), accumulated over
+    micro-batches (micro-batch k's dropout uses fold_in(rng, k))."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     if accum_steps == 1:
-        (total, count), grads = grad_fn(params, cfg, batch, mesh)
+        (total, count), grads = grad_fn(params, cfg, batch, mesh, frozen=frozen, lora=lora, rng=rng)
     else:
-        def body(carry: tuple[jax.Array, jax.Array, Params], micro: Batch):
+        def body(carry: tuple[jax.Array, jax.Array, Params], micro: tuple[jax.Array, Batch]):
             total, count, grads = carry
-            (t, c), g = grad_fn(params, cfg, micro, mesh)
+            k, micro_batch = micro
+            micro_rng = None if rng is None else jax.random.fold_in(rng, k)
+            (t, c), g = grad_fn(params, cfg, micro_batch, mesh, frozen=frozen, lora=lora, rng=micro_rng)
             return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (total, count, grads), _ = jax.lax.scan(body, init, _split_micro(batch, accum_steps))
+        micro = (jnp.arange(accum_steps), _split_micro(batch, accum_steps))
+        (total, count, grads), _ = jax.lax.scan(body, init, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     return total / denom, count, grads
 
 
 def train_step(state: TrainState, batch: Batch, cfg: Phi3Config, optimizer: optax.GradientTransformation,
-               accum_steps: int = 1, mesh: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step. jit with cfg, optimizer, accum_steps and mesh static."""
-    loss, count, grads = loss_and_grads(state.params, cfg, batch, accum_steps, mesh)
+               accum_steps: int = 1, mesh: Any = None, frozen: Params | None = None, lora: LoraConfig | None = None,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step. jit with cfg, optimizer, accum_steps, mesh, lora and seed static. With
+    `lora`, the state holds the adapters and `frozen` the base; LoRA dropout draws from
+    fold_in(key(seed), step), so a resumed run repeats the same masks."""
+    rng = None
+    if lora is not None and lora.dropout > 0:
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    loss, count, grads = loss_and_grads(state.params, cfg, batch, accum_steps, mesh, frozen, lora, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}

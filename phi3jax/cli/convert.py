@@ -1,4 +1,5 @@
-"""`phi3jax convert`: hf-to-orbax, orbax-to-hf, to-gguf (also `python -m phi3jax.convert`)."""
+"""`phi3jax convert`: hf-to-orbax, orbax-to-hf, to-gguf, and for LoRA runs lora-to-peft, peft-to-lora and
+merge-lora (also `python -m phi3jax.convert`)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,34 @@ def add_cli(subparsers: Any) -> None:
     _common(g)
     g.set_defaults(func=_run_to_gguf)
 
+    e = sub.add_parser("lora-to-peft", help="LoRA run -> Hugging Face PEFT adapter directory",
+                       description="Write adapter_config.json + adapter_model.safetensors, which "
+                                   "peft.PeftModel.from_pretrained(base_model, OUT) loads.")
+    e.add_argument("--ckpt", required=True, help="a LoRA run directory (its latest step) or a step directory")
+    e.add_argument("--out", required=True, help="the adapter directory to create")
+    _common(e)
+    e.set_defaults(func=_run_lora_to_peft)
+
+    i = sub.add_parser("peft-to-lora", help="PEFT adapter + its HF base -> LoRA run directory",
+                       description="Write a LoRA run directory (base: --hf-dir) that generate, chat, eval and "
+                                   "merge-lora take, and that train.py continues with init_from=ckpt:OUT.")
+    i.add_argument("--hf-dir", required=True, help="the base model's Hugging Face directory")
+    i.add_argument("--adapter", required=True, help="the PEFT adapter directory")
+    i.add_argument("--out", required=True, help="the run directory to create")
+    _common(i)
+    i.set_defaults(func=_run_peft_to_lora)
+
+    m = sub.add_parser("merge-lora", help="LoRA run -> merged model (HF directory or GGUF file)",
+                       description="Write the base with the adapters merged in (W + alpha/r * A B), streaming one "
+                                   "tensor at a time, as a Hugging Face directory or a GGUF file for llama.cpp.")
+    m.add_argument("--ckpt", required=True, help="a LoRA run directory (its latest step) or a step directory")
+    m.add_argument("--out", required=True, help="the HF directory or .gguf file to create")
+    m.add_argument("--format", choices=("hf", "gguf"), default="hf", help="output format (default hf)")
+    m.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="hf: dtype of the safetensors")
+    m.add_argument("--quant", choices=QUANTS, default="f16", help="gguf: weight type of the 2-D tensors")
+    _common(m)
+    m.set_defaults(func=_run_merge_lora)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output (only once the new one is done)")
@@ -84,4 +113,27 @@ def _run_to_gguf(args: argparse.Namespace) -> int:
     path = to_gguf(args.out, ckpt=args.ckpt, hf_dir=args.hf_dir, quant=args.quant, force=args.force,
                    progress=args.progress)
     print(f"wrote {path} ({os.path.getsize(path) / 2**30:.2f} GiB, {args.quant})")
+    return 0
+
+
+def _run_lora_to_peft(args: argparse.Namespace) -> int:
+    from phi3jax.convert.peft import lora_to_peft
+
+    print(f"wrote {lora_to_peft(args.ckpt, args.out, force=args.force)}")
+    return 0
+
+
+def _run_peft_to_lora(args: argparse.Namespace) -> int:
+    from phi3jax.convert.peft import peft_to_lora
+
+    print(f"wrote {peft_to_lora(args.hf_dir, args.adapter, args.out, force=args.force)}")
+    return 0
+
+
+def _run_merge_lora(args: argparse.Namespace) -> int:
+    from phi3jax.convert.lora import merge_lora
+
+    path = merge_lora(args.ckpt, args.out, fmt=args.format, dtype=args.dtype, quant=args.quant, force=args.force,
+                      progress=args.progress)
+    print(f"wrote {path}")
     return 0

@@ -85,6 +85,10 @@ class OrbaxSource(ParamSource):
         from etils import epath
 
         self.run_dir, self.step = ckpt.resolve_checkpoint(path)
+        if ckpt.read_run_config(self.run_dir).get("lora"):
+            raise ckpt.RunDirError(f"{self.run_dir} is a LoRA run: its checkpoints hold only adapters. Export the "
+                                   "merged model with `phi3jax convert merge-lora --ckpt RUN --out OUT` (HF or "
+                                   "--format gguf) or the adapters with `phi3jax convert lora-to-peft`")
         self.cfg = ckpt.model_config(self.run_dir)
         self.params_dir = os.path.join(self.run_dir, ckpt.CHECKPOINTS, str(self.step), "params")
         self.description = f"{self.run_dir} step {self.step}"

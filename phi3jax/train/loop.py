@@ -348,8 +348,8 @@ def _announce(run: Run) -> None:
         n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.frozen))
         if cfg.lora.quantized:
             n_base = lora_lib.count(abstract_params(model_cfg))
-        what = (f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}: {n_params / 1e6:.2f}M trained params "
-                f"({100 * n_params / n_base:.2f}% of {n_base / 1e6:.1f}M, base as {cfg.lora.base_dtype})")
+        what = (f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}: {n_params:,} trained params "
+                f"({100 * n_params / n_base:.2f}% of {n_base:,}, base as {cfg.lora.base_dtype})")
     run.logger.print(
         f"run_dir {run.run_dir} | {'resuming at step ' + str(run.start_step) if run.resuming else 'new run'} | "
         f"{what}, vocab {model_cfg.vocab_size} | {cfg.batch_size} x {cfg.seq_len} tokens "

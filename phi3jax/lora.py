@@ -164,6 +164,20 @@ def base_logical_axes(cfg: Phi3Config, lora: LoraConfig) -> Params:
     return axes
 
 
+def abstract_base(cfg: Phi3Config, lora: LoraConfig) -> Params:
+    """ShapeDtypeStructs of the frozen base (stacked layers), as `load_base` / `quantize_base` store it."""
+    shapes = jax.tree.map(lambda x: x, abstract_params(cfg))
+    for proj in projections(cfg):
+        leaf = get(shapes["layers"], proj.leaf)
+        if lora.quantized:
+            value = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d)
+                     in quant.quantized_shapes(leaf.shape, lora.base_dtype, proj.n_in).items()}
+        else:
+            value = jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(lora.base_dtype))
+        set_leaf(shapes["layers"], proj.leaf, value)
+    return shapes
+
+
 def base_shardings(cfg: Phi3Config, lora: LoraConfig, mesh: Any) -> Params:
     check_model_fits_mesh(cfg, mesh)
     return tree_shardings(base_logical_axes(cfg, lora), mesh, rules_for(cfg.num_key_value_heads, mesh))

@@ -26,4 +26,6 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "max |logit difference|" in outputs
     assert (tmp_path / "work" / "runs" / "sft").is_dir() and (tmp_path / "work" / "sft-f16.gguf").is_file()
+    assert (tmp_path / "work" / "lora-peft" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "work" / "lora-f16.gguf").is_file()
     assert seconds < 300, f"the notebook took {seconds:.0f}s; CI allows 5 minutes"

@@ -162,3 +162,33 @@ def test_target_names(name, chips, shape):
 def test_plan_rejects_an_unknown_config(capsys):
     assert cli.main(["plan", "--config", "phi-9", "--target", "v5e:2x2"]) == 2
     assert "not a preset" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_qlora_phi3_medium_step_fits_one_v5e_chip():
+    """The QLoRA step of Phi-3-medium (nf4 base, rank 16 on every projection) at 2048 tokens,
+    compiled by libtpu for one v5e chip (16 GiB): it fits, and the breakdown adds up."""
+    proc = run_plan("--config", "phi-3-medium-4k", "--target", "v5e:1x1", "--seq", "2048", "--batch", "1",
+                    "--remat", "full", "--dtype", "bfloat16", "--param-dtype", "bfloat16", "--json",
+                    "lora.rank=16", "lora.base_dtype=nf4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    p = json.loads(proc.stdout)
+    assert p["lora"] == "rank 16, alpha 32, targets qkv,o,gate_up,down, base nf4"
+    assert p["fits"] and p["peak_bytes"] <= 16 * 2**30, p
+    cfg = Phi3Config.preset("phi-3-medium-4k")
+    projections = cfg.num_params() - 2 * cfg.vocab_size * cfg.hidden_size - (2 * cfg.num_hidden_layers + 1) * (
+        cfg.hidden_size)
+    # nf4: half a byte per weight, plus a float32 scale per block of 64 (hidden 5120 and mlp 17920 divide by 64)
+    assert p["frozen_projection_bytes"] == projections // 2 + 4 * projections // 64
+    assert p["frozen_other_bytes"] == 2 * (cfg.num_params() - projections)  # embed, lm_head, norms in bf16
+    layer = 40 * 16 * (5120 + 7680 + 5120 + 5120 + 5120 + 35840 + 17920 + 5120)  # A and B of the 4 targets
+    assert p["params_bytes"] == 4 * layer and p["opt_state_bytes"] - 8 * layer < 64  # float32 adapters + AdamW
+
+
+def test_plan_lora_settings_are_checked(capsys):
+    with pytest.raises(plan.PlanError, match="lora.KEY=VALUE"):
+        plan.lora_overrides(None, ["rank=4"])
+    with pytest.raises(plan.PlanError, match="lora.base_dtype"):
+        plan.lora_overrides(None, ["lora.base_dtype=int4"])
+    assert plan.lora_overrides(None, []) is None
+    assert plan.lora_overrides(None, ["lora.targets=qkv,o"]).targets == ("qkv", "o")

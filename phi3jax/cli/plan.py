@@ -11,12 +11,17 @@ What the compiler reports is what the pod would do:
     then carries the compiler's own numbers);
   * the step's FLOPs from the compile's cost analysis, and the time they take at peak.
 
+With LoRA (`lora.*` keys, on the command line or in the YAML's `lora:` section) the step is the
+LoRA step: the frozen base (per dtype: quantized projections, the rest), the adapters and their
+optimiser state are broken out.
+
 GPU targets (h100:N) are estimated from the CPU compiler on N host devices and labelled as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -174,6 +179,7 @@ class PlanInputs:
     optim: dict[str, Any]
     batch: int | None = None
     seq: int | None = None
+    lora: Any = None  # LoraConfig: plan the LoRA step
 
 
 def plan_inputs(spec: str) -> PlanInputs:
@@ -192,7 +198,28 @@ def plan_inputs(spec: str) -> PlanInputs:
     train = load_config(spec)  # train.py's own config: model, mesh, optim, batch_size, seq_len
     preset, fields = model_section(train)
     return PlanInputs(build_model_config(preset, fields), preset or train.name, dataclasses.asdict(train.mesh),
-                      dataclasses.asdict(train.optim), train.batch_size, train.seq_len)
+                      dataclasses.asdict(train.optim), train.batch_size, train.seq_len, train.lora)
+
+
+def lora_overrides(base: Any, items: list[str]) -> Any:
+    """A LoraConfig from `base` (or the defaults) with `lora.KEY=VALUE` items applied; None without either."""
+    from phi3jax.config import ConfigError, LoraConfig
+    from phi3jax.train.config import _parse_value
+
+    fields = dataclasses.asdict(base) if base is not None else {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name = key.strip().removeprefix("lora.")
+        if not sep or not key.startswith("lora.") or name not in {f.name for f in dataclasses.fields(LoraConfig)}:
+            raise PlanError(f"{item!r}: plan takes LoRA settings as lora.KEY=VALUE, KEY one of "
+                            f"{[f.name for f in dataclasses.fields(LoraConfig)]}")
+        fields[name] = _parse_value(raw)
+    if base is None and not items:
+        return None
+    try:
+        return LoraConfig(**fields)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -253,9 +280,12 @@ class Plan:
     fits: bool
     hbm_bytes: int
     # per-device bytes
-    params_bytes: int
+    params_bytes: int  # what is trained: the parameters, or with LoRA the adapters
     opt_state_bytes: int
     batch_bytes: int
+    lora: str | None = None  # the LoRA settings planned, if any
+    frozen_projection_bytes: int | None = None  # LoRA: the frozen projections as stored (quantized for QLoRA)
+    frozen_other_bytes: int | None = None  # LoRA: the rest of the frozen base (embeddings, norms)
     argument_bytes: int | None = None
     output_bytes: int | None = None
     alias_bytes: int | None = None
@@ -275,11 +305,13 @@ class Plan:
 
 def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, Any] | None = None,
               batch: int | None = None, seq: int | None = None, accum_steps: int | None = None,
-              overrides: Mapping[str, Any] | None = None) -> Plan:
-    """Compile the train step for `target` on abstract shapes and read memory and FLOPs off the compile."""
+              overrides: Mapping[str, Any] | None = None, lora: Any = None) -> Plan:
+    """Compile the train step for `target` on abstract shapes and read memory and FLOPs off the compile
+    (the LoRA step with `lora`, default: the inputs' own LoRA settings)."""
     import jax
     import jax.numpy as jnp
 
+    from phi3jax import lora as lora_lib
     from phi3jax import parallel
     from phi3jax.train import state as state_lib
     from phi3jax.train.batch import BATCH_KEYS
@@ -302,12 +334,25 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
         raise PlanError(f"batch {batch} does not split into {accum} micro-batches of whole data shards "
                         f"(mesh.data x mesh.fsdp = {rows})")
     optimizer = make_optimizer(optim, 1000)
+    lora = lora if lora is not None else inputs.lora
 
-    state = state_lib.abstract_state(cfg, mesh, optimizer)
+    state = state_lib.abstract_state(cfg, mesh, optimizer, lora)
     batch_sharding = parallel.batch_sharding(mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                               sharding=batch_sharding) for k in BATCH_KEYS}
-    step = state_lib.make_train_step(cfg, mesh, optimizer, accum_steps=accum)
+    step = state_lib.make_train_step(cfg, mesh, optimizer, accum_steps=accum, lora=lora)
+    args: tuple[Any, ...] = (state, abstract_batch)
+    frozen_bytes: dict[str, int | None] = {"frozen_projection_bytes": None, "frozen_other_bytes": None}
+    if lora is not None:
+        frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              lora_lib.abstract_base(cfg, lora), lora_lib.base_shardings(cfg, lora, mesh))
+        args = (state, abstract_batch, frozen)
+        proj_leaves = {p.leaf for p in lora_lib.projections(cfg)}
+        layers = {k: v for k, v in frozen["layers"].items()}
+        proj = {f"{k}/{n}": v for k, sub in layers.items() for n, v in sub.items() if f"{k}/{n}" in proj_leaves}
+        frozen_bytes["frozen_projection_bytes"] = parallel.sharded_bytes_per_device(proj)
+        frozen_bytes["frozen_other_bytes"] = parallel.sharded_bytes_per_device(frozen) - \
+            frozen_bytes["frozen_projection_bytes"]
     estimate = None
     if target.platform != "tpu" and devices[0].platform == "cpu":
         estimate = ("estimate from the XLA:CPU compiler on host devices: XLA:GPU fuses and schedules "
@@ -320,15 +365,20 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
                 params_bytes=parallel.sharded_bytes_per_device(state.params),
                 opt_state_bytes=parallel.sharded_bytes_per_device(state.opt_state),
                 batch_bytes=parallel.sharded_bytes_per_device(abstract_batch),
-                peak_flops=target.chip.peak_bf16_flops)
+                peak_flops=target.chip.peak_bf16_flops, lora=_describe_lora(lora), **frozen_bytes)
     # The mesh is made of the target's devices, so attention_impl=auto picks what that hardware
     # runs (the Pallas kernels on TPU), not what this CPU machine would run.
-    plan.flops_total = matmul_flops(step.trace(state, abstract_batch).jaxpr)
+    # The Mosaic lowering asks for the TPU generation: from the abstract mesh when no TPU is attached.
+    on_target = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if target.platform == "tpu"
+                 else contextlib.nullcontext())
+    with on_target:
+        plan.flops_total = matmul_flops(step.trace(*args).jaxpr)
     plan.flops_per_device = plan.flops_total / len(devices)
     plan.seconds_at_peak = plan.flops_per_device / target.chip.peak_bf16_flops
     start = time.perf_counter()
     try:
-        compiled = step.lower(state, abstract_batch).compile()
+        with on_target:
+            compiled = step.lower(*args).compile()
     except Exception as e:  # the TPU compiler refuses programs that do not fit HBM
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
@@ -354,6 +404,13 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
     if cost and cost.get("flops") is not None:
         plan.compiler_flops_per_device = float(cost["flops"])
     return plan
+
+
+def _describe_lora(lora: Any) -> str | None:
+    if lora is None:
+        return None
+    return (f"rank {lora.rank}, alpha {lora.alpha:g}, targets {','.join(lora.targets)}, base {lora.base_dtype}"
+            + (f", dropout {lora.dropout:g}" if lora.dropout else ""))
 
 
 def _attention_for(cfg: Any, mesh: Any, seq: int) -> str:
@@ -385,15 +442,22 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.estimate_note:
         lines.append(f"  NOTE: {plan.estimate_note}")
-    lines += [
-        "",
-        "per-device memory",
-        f"  parameters                      {_gb(plan.params_bytes)}",
-        f"  optimiser state (AdamW mu, nu)  {_gb(plan.opt_state_bytes)}",
-        f"  batch                           {_gb(plan.batch_bytes)}",
-    ]
+    inputs = plan.params_bytes + plan.opt_state_bytes + plan.batch_bytes
+    if plan.lora is not None:
+        frozen = (plan.frozen_projection_bytes or 0) + (plan.frozen_other_bytes or 0)
+        inputs += frozen
+        lines += [f"  LoRA: {plan.lora}", "", "per-device memory",
+                  f"  frozen base, projections        {_gb(plan.frozen_projection_bytes)}",
+                  f"  frozen base, embeddings + norms {_gb(plan.frozen_other_bytes)}",
+                  f"  adapters                        {_gb(plan.params_bytes)}",
+                  f"  adapters' optimiser state       {_gb(plan.opt_state_bytes)}"]
+    else:
+        lines += ["", "per-device memory",
+                  f"  parameters                      {_gb(plan.params_bytes)}",
+                  f"  optimiser state (AdamW mu, nu)  {_gb(plan.opt_state_bytes)}"]
+    lines.append(f"  batch                           {_gb(plan.batch_bytes)}")
     if plan.argument_bytes is not None:
-        padding = plan.argument_bytes - plan.params_bytes - plan.opt_state_bytes - plan.batch_bytes
+        padding = plan.argument_bytes - inputs
         lines += [
             f"  arguments as compiled           {_gb(plan.argument_bytes)}  (layout padding {_gb(padding).strip()})",
             f"  temporaries (activations, grads){_gb(plan.temp_bytes)}",
@@ -441,6 +505,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
                    help="attention_impl (default: the config's; auto is what the target runs)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("lora", nargs="*", metavar="lora.KEY=VALUE",
+                   help="plan the LoRA step with these settings (train.py's lora.* keys: rank, alpha, dropout, "
+                        "targets, base_dtype); a YAML's lora: section is used by default")
     p.set_defaults(func=run_plan)
 
 
@@ -457,7 +524,8 @@ def run_plan(args: argparse.Namespace) -> int:
     inputs = plan_inputs(args.config)
     overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat,
                  "attention_impl": args.attention}
-    plan = make_plan(inputs, target, mesh, args.batch, args.seq, args.accum_steps, overrides)
+    lora = lora_overrides(inputs.lora, args.lora)
+    plan = make_plan(inputs, target, mesh, args.batch, args.seq, args.accum_steps, overrides, lora)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 

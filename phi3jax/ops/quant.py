@@ -92,6 +92,16 @@ def quantized_names(names: tuple[Any, ...], axis: int) -> tuple[Any, ...]:
     return tuple(names[:axis + 1]) + (None,) + tuple(names[axis + 1:])
 
 
+def quantized_shapes(shape: tuple[int, ...], fmt: str, axis: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{format: (shape, dtype), "scale": (shape, float32)} of a quantized weight of `shape`."""
+    axis = axis % len(shape)
+    b = block_size(shape[axis])
+    pre, post = tuple(shape[:axis]), tuple(shape[axis + 1:])
+    values = pre + (shape[axis] // b, b if fmt == "int8" else b // 2) + post
+    return {fmt: (values, np.int8 if fmt == "int8" else np.uint8), "scale": (pre + (shape[axis] // b, 1) + post,
+                                                                             np.float32)}
+
+
 def quantized_bytes(shape: tuple[int, ...], fmt: str, axis: int) -> int:
     """Bytes of a quantized leaf of a weight of `shape` (values + float32 scales)."""
     n = int(np.prod(shape))

@@ -179,8 +179,21 @@ def abstract_base(cfg: Phi3Config, lora: LoraConfig) -> Params:
 
 
 def base_shardings(cfg: Phi3Config, lora: LoraConfig, mesh: Any) -> Params:
+    """NamedShardings of the frozen base. A quantized leaf's block axis takes its weight's input-axis
+    sharding where the mesh divides the number of blocks, and is replicated where it does not (a
+    3072-wide embed axis has 48 blocks of 64: 16-way fsdp splits them, 256-way cannot)."""
     check_model_fits_mesh(cfg, mesh)
-    return tree_shardings(base_logical_axes(cfg, lora), mesh, rules_for(cfg.num_key_value_heads, mesh))
+    shardings = tree_shardings(base_logical_axes(cfg, lora), mesh, rules_for(cfg.num_key_value_heads, mesh))
+
+    def fit(sharding: Any, leaf: Any) -> Any:
+        spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+        for i, axes in enumerate(spec):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            if names and leaf.shape[i] % int(np.prod([mesh.shape[a] for a in names])):
+                spec[i] = None
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree.map(fit, shardings, abstract_base(cfg, lora))
 
 
 def base_bytes(cfg: Phi3Config, lora: LoraConfig) -> dict[str, int]:

@@ -236,3 +236,36 @@ def test_each_process_reads_only_the_hf_slices_it_needs(multihost):
         read, total = multihost[p]["hf_bytes_read"], multihost[p]["hf_total_bytes"]
         # fsdp=4 x tensor=2 over two processes: each holds half of every sharded leaf (norms whole).
         assert read < 0.6 * total, (read, total)
+
+
+# ------------------------------------------------------------------------------ LoRA
+@pytest.fixture(scope="session")
+def lora_meshes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    run_worker("lora", d / "out.json")
+    return json.loads((d / "out.json").read_text())
+
+
+@pytest.mark.parametrize("mesh", scale_worker.LORA_MESHES)
+def test_qlora_steps_give_the_same_losses_on_every_mesh(lora_meshes, mesh):
+    """nf4 base, dropout on: the same five losses as one unsharded device."""
+    np.testing.assert_allclose(lora_meshes["losses"][mesh], lora_meshes["reference"], atol=LOSS_TOL, rtol=0)
+    assert max(lora_meshes["reference"]) - min(lora_meshes["reference"]) > 1e-3
+
+
+def test_adapters_are_sharded_like_their_base_weights_matching_axis(lora_meshes):
+    """fsdp=4 x tensor=2: A's input axis and B's output axes follow the base weight's (embed over
+    fsdp, heads / kv heads / mlp over tensor); the rank axis is whole; the nf4 base keeps its layout."""
+    ad = {k: v["spec"] for k, v in lora_meshes["adapters"].items()}
+    fsdp = ["fsdp", "sequence"]
+    assert ad["layers/attn/qkv_a"] == [None, fsdp, None]
+    assert ad["layers/attn/q_b"] == [None, None, "tensor", None]
+    assert ad["layers/attn/kv_b"] == [None, None, None, "tensor", None]
+    assert ad["layers/attn/o_a"] == [None, "tensor", None, None] and ad["layers/attn/o_b"] == [None, None, fsdp]
+    assert ad["layers/mlp/gate_up_b"] == [None, None, None, "tensor"] and ad["layers/mlp/down_a"] == [
+        None, "tensor", None]
+    base = lora_meshes["base"]
+    assert base["layers/attn/q/nf4"]["spec"] == [None, fsdp, None, "tensor", None]
+    # [layers, 256 / 64 = 4 blocks over fsdp 4, 64 / 2 bytes, 4 heads over tensor 2, head_dim 64]
+    assert base["layers/attn/q/nf4"]["shard"] == [2, 1, 32, 2, 64]
+    assert base["layers/mlp/down/nf4"]["spec"] == [None, "tensor", None, fsdp]  # 4 mlp blocks over tensor 2

@@ -196,25 +196,6 @@ def base_shardings(cfg: Phi3Config, lora: LoraConfig, mesh: Any) -> Params:
     return jax.tree.map(fit, shardings, abstract_base(cfg, lora))
 
 
-def base_bytes(cfg: Phi3Config, lora: LoraConfig) -> dict[str, int]:
-    """Bytes of the frozen base by kind: the projections (as stored) and the rest (param_dtype)."""
-    shapes = abstract_params(cfg)
-    proj_leaves = {p.leaf for p in projections(cfg)}
-    proj = rest = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        names = [getattr(k, "key", str(k)) for k in path]
-        n = int(np.prod(leaf.shape))
-        if names[0] == "layers" and "/".join(names[1:]) in proj_leaves:
-            if lora.quantized:
-                p = next(p for p in projections(cfg) if p.leaf == "/".join(names[1:]))
-                proj += quant.quantized_bytes(leaf.shape, lora.base_dtype, p.n_in)
-            else:
-                proj += n * jnp.dtype(lora.base_dtype).itemsize
-        else:
-            rest += n * jnp.dtype(cfg.param_dtype).itemsize
-    return {"projections": proj, "other": rest}
-
-
 def config_fields(lora: LoraConfig) -> dict[str, Any]:
     """LoRA settings as plain YAML-friendly values (a run's config.yaml `lora:` section)."""
     out = dataclasses.asdict(lora)

@@ -364,3 +364,19 @@ def _base_dir(run_dir):
         import yaml
 
         return yaml.safe_load(f)["init_from"].partition(":")[2]
+
+
+def test_generate_chat_eval_load_a_lora_run_or_a_peft_adapter_as_the_adapted_model(imported):
+    import argparse
+
+    from phi3jax.cli.common import load_model
+
+    cfg, lora, adapters, run_dir = imported
+    base_cfg, base = load_hf(_base_dir(run_dir), dtype="float32")
+    adapted = _logits(base_cfg, {"params": base, "lora": adapters}, [TOKENS], lora)
+    peft_dir = os.path.join(os.path.dirname(run_dir), "peft")
+    for args in (argparse.Namespace(ckpt=None, hf_dir=_base_dir(run_dir), adapter=peft_dir, dtype=None),
+                 argparse.Namespace(ckpt=run_dir, hf_dir=None, adapter=None, dtype=None)):
+        got_cfg, params, _ = load_model(args)
+        assert got_cfg.param_dtype == "float32"
+        np.testing.assert_allclose(_logits(got_cfg, {"params": params}, [TOKENS]), adapted, atol=1e-5, rtol=0)

@@ -34,9 +34,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             from phi3jax import lora as lora_lib
             from phi3jax.convert.peft import read_peft
 
-            cfg, base = load_hf(args.hf_dir, dtype="float32")
+            cfg, base = load_hf(args.hf_dir)  # merge adds A B in float32, then casts to `dtype`
             lora, adapters = read_peft(adapter, cfg)
-            dtype = args.dtype or _hf_dtype(args.hf_dir)
+            dtype = args.dtype or cfg.param_dtype
             params = lora_lib.merge(base, adapters, cfg, lora, dtype=dtype)
             return cfg.replace(dtype=dtype, param_dtype=dtype), params, Tokenizer.load(args.hf_dir)
         cfg, params = load_hf(args.hf_dir, dtype=args.dtype)
@@ -47,9 +47,3 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if run_lora(resolve_checkpoint(args.ckpt)[0]) is not None:
         return load_lora_run(args.ckpt, dtype=args.dtype)
     return load_run(args.ckpt, dtype=args.dtype)
-
-
-def _hf_dtype(hf_dir: str) -> str:
-    from phi3jax.convert.hf import HFSource
-
-    return HFSource(hf_dir).dtype.name

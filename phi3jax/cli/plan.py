@@ -347,9 +347,7 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
         frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               lora_lib.abstract_base(cfg, lora), lora_lib.base_shardings(cfg, lora, mesh))
         args = (state, abstract_batch, frozen)
-        proj_leaves = {p.leaf for p in lora_lib.projections(cfg)}
-        layers = {k: v for k, v in frozen["layers"].items()}
-        proj = {f"{k}/{n}": v for k, sub in layers.items() for n, v in sub.items() if f"{k}/{n}" in proj_leaves}
+        proj = [lora_lib.get(frozen["layers"], p.leaf) for p in lora_lib.projections(cfg)]
         frozen_bytes["frozen_projection_bytes"] = parallel.sharded_bytes_per_device(proj)
         frozen_bytes["frozen_other_bytes"] = parallel.sharded_bytes_per_device(frozen) - \
             frozen_bytes["frozen_projection_bytes"]

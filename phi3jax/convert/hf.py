@@ -32,6 +32,7 @@ from phi3jax.convert.safetensors import (
     SafetensorsWriter,
     np_dtype,
 )
+from phi3jax.lora import get as _at
 from phi3jax.model import Params, layers_stacked, param_shardings
 
 __all__ = ["CheckpointError", "HFSource", "ParamSource", "TreeSource", "load_hf", "save_hf", "write_hf_directory"]
@@ -56,12 +57,6 @@ class ParamSource:
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, array in the stored dtype) in file order, one layer at a time."""
         return hf_tensors_of(self.cfg, self.leaf)
-
-
-def _at(tree: Params, path: str) -> Any:
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
 
 
 class TreeSource(ParamSource):

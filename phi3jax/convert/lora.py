@@ -13,6 +13,7 @@ hold only the adapters (and their optimiser state), and `init_from` names the ba
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -124,8 +125,8 @@ def load_lora_run(path: str | os.PathLike, dtype: str | None = None, merged: boo
         raise ckpt.RunDirError(f"{run_dir} is not a LoRA run (its config.yaml has no lora: section)")
     lora, init_from = info
     source, _ = open_base(init_from)
-    float_lora = LoraConfig(lora.rank, lora.alpha, lora.dropout, lora.targets, "float32")
-    cfg, base = load_base(source, float_lora, param_dtype="float32")
+    stored = source.dtype.name if source.dtype.name in ("bfloat16", "float32") else "float32"
+    cfg, base = load_base(source, dataclasses.replace(lora, base_dtype=stored), param_dtype=stored)
     check_same_model(ckpt.model_config(run_dir), cfg, run_dir)
     adapters = restore_adapters(run_dir, step, cfg, lora)
     out_dtype = dtype or source.dtype.name

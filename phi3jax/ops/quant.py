@@ -100,10 +100,3 @@ def quantized_shapes(shape: tuple[int, ...], fmt: str, axis: int) -> dict[str, t
     values = pre + (shape[axis] // b, b if fmt == "int8" else b // 2) + post
     return {fmt: (values, np.int8 if fmt == "int8" else np.uint8), "scale": (pre + (shape[axis] // b, 1) + post,
                                                                              np.float32)}
-
-
-def quantized_bytes(shape: tuple[int, ...], fmt: str, axis: int) -> int:
-    """Bytes of a quantized leaf of a weight of `shape` (values + float32 scales)."""
-    n = int(np.prod(shape))
-    blocks = n // block_size(shape[axis % len(shape)])
-    return (n if fmt == "int8" else n // 2) + 4 * blocks

@@ -345,9 +345,7 @@ def _announce(run: Run) -> None:
     processes = jax.process_count()
     what = f"model {n_params / 1e6:.2f}M params"
     if cfg.lora is not None:
-        n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.frozen))
-        if cfg.lora.quantized:
-            n_base = lora_lib.count(abstract_params(model_cfg))
+        n_base = lora_lib.count(abstract_params(model_cfg))
         what = (f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}: {n_params:,} trained params "
                 f"({100 * n_params / n_base:.2f}% of {n_base:,}, base as {cfg.lora.base_dtype})")
     run.logger.print(

@@ -1,4 +1,4 @@
-"""`phi3jax eval perplexity|multiple-choice`: evaluation from the command line.
+"""`phi3jax eval perplexity|multiple-choice|preference`: evaluation from the command line.
 
 Data is read and checked before the model is loaded, so a bad file fails in a second.
 """
@@ -50,6 +50,27 @@ def add_cli(subparsers: Any) -> None:
                     help="cut prompts from the left to this many tokens (default: max_position_embeddings)")
     _add_common(mc, default_batch=8)
     mc.set_defaults(func=run_multiple_choice)
+
+    pref = tasks.add_parser("preference", help="DPO metrics of a policy against a reference on preference pairs",
+                            description="TRL's DPO loss and reward metrics (rewards/chosen, rewards/rejected, "
+                            "rewards/accuracies, rewards/margins, logps/chosen, logps/rejected) of a policy against "
+                            "a reference on preference records (TRL's JSONL format; docs/preference.md). The two "
+                            "models are loaded one after the other.")
+    add_model_source(pref)
+    ref = pref.add_mutually_exclusive_group()
+    ref.add_argument("--ref-ckpt", help="the reference: a run directory or a step directory")
+    ref.add_argument("--ref-hf-dir", help="the reference: a Hugging Face model directory")
+    pref.add_argument("--data", required=True, help="preference JSONL: prompt, chosen, rejected per line")
+    pref.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
+    pref.add_argument("--loss", default="sigmoid", help="sigmoid | ipo | hinge | robust | simpo (default sigmoid)")
+    pref.add_argument("--label-smoothing", type=float, default=0.0, help="for sigmoid, robust, simpo (default 0)")
+    pref.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin (default 0.5)")
+    pref.add_argument("--seq-len", type=int, default=2048,
+                      help="row length; a pair's two sequences share a row (default 2048)")
+    pref.add_argument("--max-length", type=int, default=None,
+                      help="tokens per sequence, prompt + completion (default: --seq-len // 2)")
+    _add_common(pref, default_batch=8)
+    pref.set_defaults(func=run_preference)
 
 
 def _add_common(p: argparse.ArgumentParser, default_batch: int | None) -> None:
@@ -116,5 +137,55 @@ def run_multiple_choice(args: argparse.Namespace) -> int:
     o = report["overall"]
     print(f"acc {o['acc']:.4f} ± {o['acc_stderr']:.4f}   acc_norm {o['acc_norm']:.4f} ± {o['acc_norm_stderr']:.4f}"
           f"   (macro acc over {len(report['groups'])} groups {report['macro']['acc']:.4f}); {seconds:.1f}s")
+    _write_json(args.json, report)
+    return 0
+
+
+def run_preference(args: argparse.Namespace) -> int:
+    from phi3jax.eval.preference import preference_report, score_pairs
+    from phi3jax.train.dpo import METRICS, DpoConfig
+    from phi3jax.train.preference import read_records, tokenize_records
+
+    try:
+        dpo = DpoConfig(beta=args.beta, loss=args.loss, label_smoothing=args.label_smoothing, gamma=args.gamma,
+                        max_length=args.max_length)
+    except ValueError as e:
+        raise SystemExit(str(e).replace("dpo.", "--").replace("_", "-")) from None
+    if dpo.uses_reference and not (args.ref_ckpt or args.ref_hf_dir):
+        raise SystemExit(f"--loss {dpo.loss} compares against a reference: give --ref-ckpt RUN or --ref-hf-dir DIR "
+                         "(only --loss simpo is reference-free)")
+    records = read_records(args.data)
+    cfg, params, tokenizer = load_model(args)
+    limit = dpo.length_limit(args.seq_len)
+    if 2 * (limit - 1) > args.seq_len:
+        raise SystemExit(f"--max-length {limit}: a pair's two sequences share one row of --seq-len {args.seq_len}; "
+                         f"use at most {args.seq_len // 2 + 1} or raise --seq-len")
+    data = tokenize_records(records, tokenizer, max_length=limit, add_bos=not args.no_bos)
+    progress = not args.no_progress
+    start = time.perf_counter()
+    policy, counts = score_pairs(params, cfg, data.pairs, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 progress=progress and "policy")
+    del params
+    reference = None
+    if dpo.uses_reference:
+        ref_args = argparse.Namespace(ckpt=args.ref_ckpt, hf_dir=args.ref_hf_dir, adapter=None, dtype=args.dtype)
+        ref_cfg, ref_params, _ = load_model(ref_args)
+        if ref_cfg.vocab_size != cfg.vocab_size:
+            raise SystemExit(f"the reference has a vocabulary of {ref_cfg.vocab_size}, the policy {cfg.vocab_size}: "
+                             "a reference must share the policy's tokenizer")
+        reference, _ = score_pairs(ref_params, ref_cfg, data.pairs, seq_len=args.seq_len, batch_size=args.batch_size,
+                                   progress=progress and "reference")
+    seconds = time.perf_counter() - start
+    report = {"task": "preference", "model": _model_source(args), "data": args.data,
+              "reference": {"ckpt": args.ref_ckpt} if args.ref_ckpt else {"hf_dir": args.ref_hf_dir},
+              "dpo": {"loss": dpo.loss, "beta": dpo.beta, "label_smoothing": dpo.label_smoothing, "gamma": dpo.gamma},
+              "records": len(records), "truncated": data.truncated, "dropped": data.dropped,
+              **preference_report(policy, reference, counts, dpo), "seconds": seconds}
+    print(f"{report['pairs']} pairs of {len(records)} records ({data.describe(limit)}); loss {dpo.loss}, "
+          f"beta {dpo.beta}")
+    print(f"loss                {report['loss']:.6f}")
+    for name in METRICS:
+        print(f"{name:<20}{report[name]:.6f}")
+    print(f"time                {seconds:.1f}s (compilation included)")
     _write_json(args.json, report)
     return 0

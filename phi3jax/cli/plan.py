@@ -13,7 +13,10 @@ What the compiler reports is what the pod would do:
 
 With LoRA (`lora.*` keys, on the command line or in the YAML's `lora:` section) the step is the
 LoRA step: the frozen base (per dtype: quantized projections, the rest), the adapters and their
-optimiser state are broken out.
+optimiser state are broken out. With `objective=dpo` (and `dpo.*` keys, or the YAML's) the step is
+the preference step, and the reference's own weights are reported: a frozen copy of what is
+trained, or nothing for `precomputed` (a log-probability per sequence in the batch) and
+`adapter_off` (the LoRA base itself).
 
 GPU targets (h100:N) are estimated from the CPU compiler on N host devices and labelled as such.
 """
@@ -180,6 +183,7 @@ class PlanInputs:
     batch: int | None = None
     seq: int | None = None
     lora: Any = None  # LoraConfig: plan the LoRA step
+    dpo: Any = None  # DpoConfig: plan the preference (DPO) step
 
 
 def plan_inputs(spec: str) -> PlanInputs:
@@ -198,7 +202,35 @@ def plan_inputs(spec: str) -> PlanInputs:
     train = load_config(spec)  # train.py's own config: model, mesh, optim, batch_size, seq_len
     preset, fields = model_section(train)
     return PlanInputs(build_model_config(preset, fields), preset or train.name, dataclasses.asdict(train.mesh),
-                      dataclasses.asdict(train.optim), train.batch_size, train.seq_len, train.lora)
+                      dataclasses.asdict(train.optim), train.batch_size, train.seq_len, train.lora,
+                      train.dpo if train.objective == "dpo" else None)
+
+
+def dpo_overrides(base: Any, items: list[str]) -> Any:
+    """A DpoConfig from `base` with `objective=dpo` / `dpo.KEY=VALUE` items applied; None for the
+    language-model step (`objective=lm`, or neither a base nor an item)."""
+    from phi3jax.train.config import _parse_value
+    from phi3jax.train.dpo import DpoConfig
+
+    fields = dataclasses.asdict(base) if base is not None else {}
+    wanted = base is not None
+    names = {f.name for f in dataclasses.fields(DpoConfig)}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if sep and key == "objective" and raw.strip() in ("lm", "dpo"):
+            wanted = raw.strip() == "dpo"
+            continue
+        if not sep or not key.startswith("dpo.") or key.removeprefix("dpo.") not in names:
+            raise PlanError(f"{item!r}: plan takes objective=lm|dpo and dpo.KEY=VALUE, KEY one of {sorted(names)}")
+        fields[key.removeprefix("dpo.")] = _parse_value(raw)
+        wanted = True
+    if not wanted:
+        return None
+    try:
+        return DpoConfig(**fields)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def lora_overrides(base: Any, items: list[str]) -> Any:
@@ -284,6 +316,8 @@ class Plan:
     opt_state_bytes: int
     batch_bytes: int
     lora: str | None = None  # the LoRA settings planned, if any
+    dpo: str | None = None  # the preference-tuning settings planned, if any
+    reference_bytes: int | None = None  # DPO: the reference's own weights (0: precomputed, adapter_off, SimPO)
     frozen_projection_bytes: int | None = None  # LoRA: the frozen projections as stored (quantized for QLoRA)
     frozen_other_bytes: int | None = None  # LoRA: the rest of the frozen base (embeddings, norms)
     argument_bytes: int | None = None
@@ -305,9 +339,9 @@ class Plan:
 
 def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, Any] | None = None,
               batch: int | None = None, seq: int | None = None, accum_steps: int | None = None,
-              overrides: Mapping[str, Any] | None = None, lora: Any = None) -> Plan:
+              overrides: Mapping[str, Any] | None = None, lora: Any = None, dpo: Any = None) -> Plan:
     """Compile the train step for `target` on abstract shapes and read memory and FLOPs off the compile
-    (the LoRA step with `lora`, default: the inputs' own LoRA settings)."""
+    (the LoRA step with `lora`, the preference step with `dpo`; default: the inputs' own settings)."""
     import jax
     import jax.numpy as jnp
 
@@ -335,22 +369,36 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
                         f"(mesh.data x mesh.fsdp = {rows})")
     optimizer = make_optimizer(optim, 1000)
     lora = lora if lora is not None else inputs.lora
+    dpo = dpo if dpo is not None else inputs.dpo
+    if dpo is not None and dpo.reference == "adapter_off" and dpo.uses_reference and lora is None:
+        raise PlanError("dpo.reference=adapter_off is the LoRA base with the adapters off: add lora.* settings")
 
     state = state_lib.abstract_state(cfg, mesh, optimizer, lora)
     batch_sharding = parallel.batch_sharding(mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                              sharding=batch_sharding) for k in BATCH_KEYS}
-    step = state_lib.make_train_step(cfg, mesh, optimizer, accum_steps=accum, lora=lora)
-    args: tuple[Any, ...] = (state, abstract_batch)
+    keys = BATCH_KEYS + (("ref_logps",) if dpo is not None and dpo.uses_reference and dpo.reference == "precomputed"
+                         else ())
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k in ("loss_mask", "ref_logps")
+                                              else jnp.int32, sharding=batch_sharding) for k in keys}
+    frozen = None
     frozen_bytes: dict[str, int | None] = {"frozen_projection_bytes": None, "frozen_other_bytes": None}
     if lora is not None:
         frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               lora_lib.abstract_base(cfg, lora), lora_lib.base_shardings(cfg, lora, mesh))
-        args = (state, abstract_batch, frozen)
         proj = [lora_lib.get(frozen["layers"], p.leaf) for p in lora_lib.projections(cfg)]
         frozen_bytes["frozen_projection_bytes"] = parallel.sharded_bytes_per_device(proj)
         frozen_bytes["frozen_other_bytes"] = parallel.sharded_bytes_per_device(frozen) - \
             frozen_bytes["frozen_projection_bytes"]
+    reference_bytes = None
+    if dpo is None:
+        step = state_lib.make_train_step(cfg, mesh, optimizer, accum_steps=accum, lora=lora)
+        args: tuple[Any, ...] = (state, abstract_batch) if frozen is None else (state, abstract_batch, frozen)
+    else:
+        step = state_lib.make_dpo_step(cfg, mesh, optimizer, dpo, accum_steps=accum, lora=lora)
+        ref_shardings = state_lib.reference_shardings(cfg, mesh, dpo, lora)
+        ref = None if ref_shardings is None else jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state.params, ref_shardings)
+        reference_bytes = parallel.sharded_bytes_per_device(ref) if ref is not None else 0
+        args = (state, abstract_batch, frozen, ref)
     estimate = None
     if target.platform != "tpu" and devices[0].platform == "cpu":
         estimate = ("estimate from the XLA:CPU compiler on host devices: XLA:GPU fuses and schedules "
@@ -363,7 +411,8 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
                 params_bytes=parallel.sharded_bytes_per_device(state.params),
                 opt_state_bytes=parallel.sharded_bytes_per_device(state.opt_state),
                 batch_bytes=parallel.sharded_bytes_per_device(abstract_batch),
-                peak_flops=target.chip.peak_bf16_flops, lora=_describe_lora(lora), **frozen_bytes)
+                peak_flops=target.chip.peak_bf16_flops, lora=_describe_lora(lora), dpo=_describe_dpo(dpo),
+                reference_bytes=reference_bytes, **frozen_bytes)
     # The mesh is made of the target's devices, so attention_impl=auto picks what that hardware
     # runs (the Pallas kernels on TPU), not what this CPU machine would run.
     # The Mosaic lowering asks for the TPU generation: from the abstract mesh when no TPU is attached.
@@ -411,6 +460,13 @@ def _describe_lora(lora: Any) -> str | None:
             + (f", dropout {lora.dropout:g}" if lora.dropout else ""))
 
 
+def _describe_dpo(dpo: Any) -> str | None:
+    if dpo is None:
+        return None
+    ref = f"reference {dpo.reference}" if dpo.uses_reference else "no reference"
+    return f"loss {dpo.loss}, beta {dpo.beta:g}, {ref}"
+
+
 def _attention_for(cfg: Any, mesh: Any, seq: int) -> str:
     """The attention backend the target runs for training, as the dispatcher decides it there."""
     from phi3jax.ops.attention import platform_of, select_backend
@@ -453,6 +509,11 @@ def format_plan(plan: Plan) -> str:
         lines += ["", "per-device memory",
                   f"  parameters                      {_gb(plan.params_bytes)}",
                   f"  optimiser state (AdamW mu, nu)  {_gb(plan.opt_state_bytes)}"]
+    if plan.dpo is not None:
+        inputs += plan.reference_bytes or 0
+        lines.insert(3 if not plan.estimate_note else 4, f"  DPO: {plan.dpo}")
+        lines.append(f"  reference weights               {_gb(plan.reference_bytes)}"
+                     + ("  (a frozen copy)" if plan.reference_bytes else "  (none of its own)"))
     lines.append(f"  batch                           {_gb(plan.batch_bytes)}")
     if plan.argument_bytes is not None:
         padding = plan.argument_bytes - inputs
@@ -503,9 +564,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
                    help="attention_impl (default: the config's; auto is what the target runs)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("lora", nargs="*", metavar="lora.KEY=VALUE",
-                   help="plan the LoRA step with these settings (train.py's lora.* keys: rank, alpha, dropout, "
-                        "targets, base_dtype); a YAML's lora: section is used by default")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                   help="plan the LoRA step with lora.KEY=VALUE (train.py's lora.* keys: rank, alpha, dropout, "
+                        "targets, base_dtype) and the preference step with objective=dpo and dpo.KEY=VALUE (loss, "
+                        "reference, ...); a YAML's lora: and dpo: sections are used by default")
     p.set_defaults(func=run_plan)
 
 
@@ -522,7 +584,8 @@ def run_plan(args: argparse.Namespace) -> int:
     inputs = plan_inputs(args.config)
     overrides = {"dtype": args.dtype, "param_dtype": args.param_dtype, "remat_policy": args.remat,
                  "attention_impl": args.attention}
-    lora = lora_overrides(inputs.lora, args.lora)
+    lora = lora_overrides(inputs.lora, [s for s in args.settings if s.startswith("lora.")])
+    inputs.dpo = dpo_overrides(inputs.dpo, [s for s in args.settings if not s.startswith("lora.")])
     plan = make_plan(inputs, target, mesh, args.batch, args.seq, args.accum_steps, overrides, lora)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0

@@ -3,9 +3,10 @@
     python train.py --config configs/tiny.yaml steps=500 optim.learning_rate=1e-3 model.remat_policy=full
 
 Sections: `model` (a preset and/or any Phi3Config field), `data`, `optim`, `mesh`,
-`distributed`, `log`, `lora` (absent: full training); top-level keys: `run_dir`, `steps`,
-`batch_size` (global), `seq_len`, `seed`, `save_every`, `keep_checkpoints`,
-`async_checkpointing`, `init_from`. The dataclass defaults *are* the CPU default recipe
+`distributed`, `log`, `lora` (absent: full training), `dpo` (with `objective: dpo`); top-level
+keys: `objective` (`lm` | `dpo`), `run_dir`, `steps`, `batch_size` (global), `seq_len`, `seed`,
+`save_every`, `keep_checkpoints`, `async_checkpointing`, `init_from`. The dataclass defaults *are*
+the CPU default recipe
 (`configs/tiny.yaml` spells them out). Every key is checked: an unknown key or a value of the
 wrong type is a `TrainConfigError` naming the key.
 """
@@ -23,9 +24,11 @@ import yaml
 
 from phi3jax.config import ConfigError, LoraConfig, Phi3Config
 from phi3jax.parallel import DistributedConfig, MeshConfig
+from phi3jax.train.dpo import DpoConfig
 from phi3jax.train.step import OptimConfig
 
-DATA_FORMATS = ("text", "jsonl", "array_record", "chat")
+DATA_FORMATS = ("text", "jsonl", "array_record", "chat", "preference")
+OBJECTIVES = ("lm", "dpo")
 DEFAULT_CONFIG_NAME = "tiny"
 
 
@@ -38,7 +41,7 @@ class DataConfig:
     """Where the tokens come from. `path` None means the built-in corpus (CPython's pydoc topics)."""
 
     path: str | None = None  # a file, a directory or a glob
-    format: str = "text"  # text | jsonl | array_record | chat
+    format: str = "text"  # text | jsonl | array_record | chat | preference (objective: dpo)
     tokenizer: str | None = None  # tokenizer.model, a run dir or an HF dir; None trains one on the data
     vocab_size: int = 2048  # vocabulary of a tokenizer trained on the data
     val_path: str | None = None  # a separate validation set; else `val_fraction` of the documents
@@ -84,6 +87,8 @@ class TrainConfig:
     async_checkpointing: bool = True
     init_from: str | None = None  # hf:DIR | ckpt:RUN_DIR_OR_STEP_DIR
     lora: LoraConfig | None = None  # train low-rank adapters on the frozen init_from model (LoRA / QLoRA)
+    objective: str = "lm"  # lm: next-token loss | dpo: preference optimisation (the `dpo:` section)
+    dpo: DpoConfig = DpoConfig()
     name: str = DEFAULT_CONFIG_NAME  # the config's name (its file stem): names the default run_dir
 
     # ------------------------------------------------------------- derived
@@ -141,6 +146,22 @@ def _check_ranges(cfg: TrainConfig) -> None:
              "must be 'hf:HF_DIR' or 'ckpt:RUN_DIR_OR_STEP_DIR'")
     need(cfg.lora is None or cfg.init_from is not None, "lora", cfg.lora,
          "LoRA adapts an existing model: set init_from=hf:HF_DIR or init_from=ckpt:RUN_DIR")
+    need(cfg.objective in OBJECTIVES, "objective", cfg.objective, f"must be one of {OBJECTIVES}")
+    dpo = cfg.objective == "dpo"
+    need(dpo == (cfg.data.format == "preference"), "data.format", cfg.data.format,
+         "objective: dpo trains on preference records (data.format=preference), and preference data needs "
+         "objective=dpo" if dpo else "preference data is for objective=dpo")
+    if dpo:
+        need(cfg.init_from is not None, "objective", cfg.objective,
+             "preference tuning starts from a model (usually an SFT run): set init_from=ckpt:RUN or hf:DIR")
+        need(cfg.data.path is not None, "data.path", cfg.data.path, "objective=dpo needs preference records")
+        need(cfg.dpo.reference != "adapter_off" or cfg.lora is not None, "dpo.reference", cfg.dpo.reference,
+             "adapter_off is the base with the LoRA adapters disabled: it needs a lora: section (or use frozen "
+             "or precomputed)")
+        limit = cfg.dpo.length_limit(cfg.seq_len)
+        need(2 * (limit - 1) <= cfg.seq_len, "dpo.max_length", limit,
+             f"a pair's two sequences (prompt + chosen, prompt + rejected) share one row of seq_len={cfg.seq_len} "
+             f"positions, so dpo.max_length can be at most seq_len // 2 + 1 = {cfg.seq_len // 2 + 1}; raise seq_len")
     model_section(cfg)  # unknown model keys / bad presets fail here
 
 

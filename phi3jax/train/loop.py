@@ -18,6 +18,7 @@ in the optimiser and saved. A resumed LoRA run loads its base again from `init_f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -36,9 +37,10 @@ from phi3jax.config import RUNTIME_FIELDS, LoraConfig, Phi3Config
 from phi3jax.inference.generate import generate, stop_tokens
 from phi3jax.model import abstract_params, param_shardings
 from phi3jax.tokenizer import Tokenizer
-from phi3jax.train import baselines
+from phi3jax.train import baselines, preference
 from phi3jax.train import checkpoint as ckpt
 from phi3jax.train import data as data_lib
+from phi3jax.train import dpo as dpo_lib
 from phi3jax.train import metrics as metrics_lib
 from phi3jax.train import state as state_lib
 from phi3jax.train.config import TrainConfig, TrainConfigError, build_model_config, model_section
@@ -83,21 +85,32 @@ class Run:
     baselines: dict[str, float]
     logger: metrics_lib.MetricsLogger
     frozen: Any = None  # LoRA: the frozen base the adapters (state.params) modify
+    ref_tables: dict[str, np.ndarray] | None = None  # DPO, precomputed reference: {split: [records, 2]}
 
     @property
     def primary(self) -> bool:
         return jax.process_index() == 0
 
-    def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def put_batch(self, local: dict[str, np.ndarray], split: str = "train") -> dict[str, jax.Array]:
+        if preference.INDEX_KEY in local:  # preference pairs: the precomputed reference goes in, the index stays
+            local = preference.with_reference(local, self.ref_tables[split] if self.ref_tables else None)
         return parallel.put_batch(local, self.mesh, self.cfg.batch_size)
 
-    def evaluate(self) -> tuple[float, float] | None:
-        """(mean validation loss, validation tokens), or None without a validation split."""
-        total = count = 0.0
+    def evaluate(self) -> dict[str, float] | None:
+        """The validation metrics (language modelling: loss, ppl, tokens; DPO: the loss and TRL's
+        reward metrics, means over the pairs, and pairs), or None without a validation split."""
+        total, sums = 0.0, {}
         for batch in self.val_batches:
-            t, c = self.eval_fn(self.state.params, self.put_batch(batch))  # LoRA: the base is bound in
-            total, count = total + float(t), count + float(c)
-        return (total / count, count) if count else None
+            t, c = self.eval_fn(self.state.params, self.put_batch(batch, "val"))  # LoRA: the base is bound in
+            total += float(t)
+            for key, value in (c.items() if isinstance(c, dict) else [("count", c)]):
+                sums[key] = sums.get(key, 0.0) + float(value)
+        if not sums.get("count"):
+            return None
+        if self.cfg.objective == "dpo":
+            return {key: float(value) for key, value in dpo_lib.pair_means(total, sums).items()}
+        loss = total / sums["count"]
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": sums["count"]}
 
     def save(self, step: int, force: bool = False) -> None:
         key_data = np.asarray(jax.random.key_data(self.rng)).tolist()
@@ -158,7 +171,7 @@ def _load_init_source(spec: str, param_dtype: str | None, mesh: Any) -> tuple[Ph
 
 def _load_lora_base(cfg: TrainConfig, lora: LoraConfig, run_dir: str, resuming: bool, mesh: Any
                     ) -> tuple[Phi3Config, Tokenizer, Any, Any]:
-    """(model config, tokenizer, frozen base, adapters to start from or None) of a LoRA run."""
+    """(model config, tokenizer, frozen base, the init_from LoRA run's adapters or None) of a LoRA run."""
     from phi3jax.convert.lora import check_same_model, load_base, open_base, restore_adapters, run_lora
 
     _, fields = model_section(cfg)
@@ -171,11 +184,12 @@ def _load_lora_base(cfg: TrainConfig, lora: LoraConfig, run_dir: str, resuming: 
             raise TrainConfigError(f"lora={lora} differs from the run being resumed ({run_dir}: "
                                    f"{saved[0] if saved else 'not a LoRA run'}); resume with the same lora settings")
         check_same_model(ckpt.model_config(run_dir), base_cfg, run_dir)
-        return (_check_model_overrides(cfg, base_cfg, f"the base ({cfg.init_from})"), Tokenizer.load(run_dir),
-                frozen, None)
-    if jax.process_index() == 0:
-        ckpt.copy_tokenizer_files(tok_source, run_dir)
-    model_cfg = _check_model_overrides(cfg, base_cfg, cfg.init_from)
+        model_cfg = _check_model_overrides(cfg, base_cfg, f"the base ({cfg.init_from})")
+        tokenizer = Tokenizer.load(run_dir)
+    else:
+        if jax.process_index() == 0:
+            ckpt.copy_tokenizer_files(tok_source, run_dir)
+        model_cfg, tokenizer = _check_model_overrides(cfg, base_cfg, cfg.init_from), Tokenizer.load(tok_source)
     adapters = None
     if start is not None:
         parent, _ = run_lora(start[0])
@@ -184,7 +198,7 @@ def _load_lora_base(cfg: TrainConfig, lora: LoraConfig, run_dir: str, resuming: 
                                    f"lora.rank and lora.targets must match them to continue training")
         adapters = restore_adapters(start[0], start[1], model_cfg, lora,
                                     lora_lib.adapter_shardings(model_cfg, lora, mesh))
-    return model_cfg, Tokenizer.load(tok_source), frozen, adapters
+    return model_cfg, tokenizer, frozen, adapters
 
 
 def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: Callable[[], Any], mesh: Any
@@ -229,6 +243,8 @@ def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config) -> dict[str, Any]:
         out["init_from"] = f"{kind}:{os.path.abspath(where)}"
     if cfg.lora is None:
         out.pop("lora", None)
+    if cfg.objective != "dpo":
+        out.pop("dpo", None)
     return out
 
 
@@ -247,12 +263,16 @@ def setup(cfg: TrainConfig) -> Run:
                                f"it with init_from=ckpt:{run_dir} and a new run_dir")
 
     d = cfg.data
-    docs = data_lib.read_documents(d.path, d.format, d.text_key, d.doc_separator)
+    dpo = cfg.dpo if cfg.objective == "dpo" else None
+    read = preference.read_records if dpo else (
+        lambda path: data_lib.read_documents(path, d.format, d.text_key, d.doc_separator))
+    docs = read(d.path)
     if d.val_path is not None:
-        val_docs = data_lib.read_documents(d.val_path, d.format, d.text_key, d.doc_separator)
+        val_docs = read(d.val_path)
         train_idx, val_idx = np.arange(len(docs)), np.arange(len(val_docs))
     else:
-        train_idx, val_idx = data_lib.split_train_val(docs, d.val_fraction, cfg.data_seed)
+        sized = [json.dumps(r) for _, r in docs] if dpo else docs  # records are held out by their size
+        train_idx, val_idx = data_lib.split_train_val(sized, d.val_fraction, cfg.data_seed)
         val_docs = docs
     mesh = _mesh_for(cfg)
     lora, frozen, adapters = cfg.lora, None, None
@@ -271,12 +291,25 @@ def setup(cfg: TrainConfig) -> Run:
     if process_index == 0:
         ckpt.write_yaml(os.path.join(run_dir, ckpt.CONFIG_FILE), resolved_config(cfg, model_cfg))
 
-    split_documents = d.split_documents if d.split_documents is not None else d.format != "chat"
-    common = dict(seq_len=cfg.seq_len, local_batch=cfg.batch_size // process_count, split_documents=split_documents,
-                  add_bos=d.add_bos, add_eos=d.add_eos, process_index=process_index, process_count=process_count)
-    data_iter = iter(data_lib.train_batches(docs, train_idx, tokenizer, seed=cfg.data_seed, shuffle=d.shuffle,
-                                            **common))
-    val_batches = data_lib.eval_batches(val_docs, val_idx, tokenizer, max_batches=cfg.log.eval_batches, **common)
+    if dpo is None:
+        split_documents = d.split_documents if d.split_documents is not None else d.format != "chat"
+        common = dict(seq_len=cfg.seq_len, local_batch=cfg.batch_size // process_count,
+                      split_documents=split_documents, add_bos=d.add_bos, add_eos=d.add_eos,
+                      process_index=process_index, process_count=process_count)
+        data_iter = iter(data_lib.train_batches(docs, train_idx, tokenizer, seed=cfg.data_seed, shuffle=d.shuffle,
+                                                **common))
+        val_batches = data_lib.eval_batches(val_docs, val_idx, tokenizer, max_batches=cfg.log.eval_batches,
+                                            **common)
+    else:
+        train_pairs, val_pairs = (_tokenize_pairs(cfg, [records[int(i)] for i in idx], tokenizer)
+                                  for records, idx in ((docs, train_idx), (val_docs, val_idx)))
+        common = dict(seq_len=cfg.seq_len, local_batch=cfg.batch_size // process_count,
+                      process_index=process_index, process_count=process_count)
+        data_iter = iter(preference.train_batches(train_pairs.pairs, seed=cfg.data_seed, shuffle=d.shuffle,
+                                                  **common))
+        val_batches = preference.eval_batches(val_pairs.pairs, **common)
+        if cfg.log.eval_batches:
+            val_batches = val_batches[: cfg.log.eval_batches]
 
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     shardings = state_lib.state_shardings(model_cfg, mesh, optimizer, lora)
@@ -301,19 +334,83 @@ def setup(cfg: TrainConfig) -> Run:
     logger = metrics_lib.MetricsLogger(run_dir, total_steps=cfg.steps, start_step=start_step,
                                        primary=process_index == 0, tensorboard=cfg.log.tensorboard,
                                        progress_bar=cfg.log.progress_bar)
-    base = _baselines(cfg, docs, train_idx, val_batches, tokenizer, model_cfg) if process_index == 0 else {}
-    step_fn = state_lib.make_train_step(model_cfg, mesh, optimizer, accum_steps=cfg.optim.accum_steps, lora=lora,
-                                        seed=cfg.seed)
-    eval_fn = state_lib.make_eval_step(model_cfg, mesh, lora)
-    if lora is not None:  # the frozen base is an argument of every step, bound here
-        lora_step, lora_eval = step_fn, eval_fn
-        step_fn = lambda state, batch: lora_step(state, batch, frozen)  # noqa: E731
-        eval_fn = lambda adapters, batch: lora_eval(adapters, batch, frozen)  # noqa: E731
+    if dpo is not None:
+        def start() -> Any:  # the starting weights (init_from; with LoRA the starting adapters on the base)
+            if lora is not None:
+                return adapters if adapters is not None else state_lib.sharded_lora_init(
+                    model_cfg, lora, mesh, optimizer, base_rng).params
+            return _resolve_model(cfg, run_dir, False, lambda: (), mesh)[2] if resuming else params
+
+        ref_params, tables = _reference(cfg, model_cfg, mesh, run_dir, start, frozen,
+                                        {"train": train_pairs, "val": val_pairs})
+        dpo_step = state_lib.make_dpo_step(model_cfg, mesh, optimizer, dpo, accum_steps=cfg.optim.accum_steps,
+                                           lora=lora, seed=cfg.seed)
+        dpo_eval = state_lib.make_dpo_eval_step(model_cfg, mesh, dpo, lora)
+        step_fn = lambda state, batch: dpo_step(state, batch, frozen, ref_params)  # noqa: E731
+        eval_fn = lambda params, batch: dpo_eval(params, batch, frozen, ref_params)  # noqa: E731
+        base = {}
+    else:
+        base = _baselines(cfg, docs, train_idx, val_batches, tokenizer, model_cfg) if process_index == 0 else {}
+        step_fn = state_lib.make_train_step(model_cfg, mesh, optimizer, accum_steps=cfg.optim.accum_steps,
+                                            lora=lora, seed=cfg.seed)
+        eval_fn = state_lib.make_eval_step(model_cfg, mesh, lora)
+        if lora is not None:  # the frozen base is an argument of every step, bound here
+            lora_step, lora_eval = step_fn, eval_fn
+            step_fn = lambda state, batch: lora_step(state, batch, frozen)  # noqa: E731
+            eval_fn = lambda adapters, batch: lora_eval(adapters, batch, frozen)  # noqa: E731
     return Run(cfg=cfg, run_dir=run_dir, resuming=resuming, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                data_iter=data_iter, val_batches=val_batches, manager=manager,
                state=state_lib.state_at_step(params, opt_state, start_step, mesh), step_fn=step_fn, eval_fn=eval_fn,
                rng=rng, base_rng=base_rng, tokens_seen=int(meta.get("tokens_seen", 0)), start_step=start_step,
-               baselines=base, logger=logger, frozen=frozen)
+               baselines=base, logger=logger, frozen=frozen, ref_tables=tables if dpo is not None else None)
+
+
+def _tokenize_pairs(cfg: TrainConfig, records: list[tuple[str, Any]], tokenizer: Tokenizer
+                    ) -> preference.PreferenceData:
+    limit = cfg.dpo.length_limit(cfg.seq_len)
+    data = preference.tokenize_records(records, tokenizer, max_length=limit,
+                                       max_prompt_length=cfg.dpo.max_prompt_length,
+                                       truncation_mode=cfg.dpo.truncation_mode, add_bos=cfg.data.add_bos)
+    if records and jax.process_index() == 0 and (data.truncated or data.dropped):
+        print(f"preference data: {data.describe(limit)}", flush=True)
+    return data
+
+
+def _reference(cfg: TrainConfig, model_cfg: Phi3Config, mesh: Any, run_dir: str, start: Callable[[], Any],
+               frozen: Any, splits: dict[str, preference.PreferenceData]) -> tuple[Any, dict[str, np.ndarray] | None]:
+    """(the `ref_params` of every DPO step, the precomputed tables {split: [records, 2]}), each None
+    where the reference option has none (`phi3jax.train.dpo`)."""
+    dpo, lora = cfg.dpo, cfg.lora
+    if not dpo.uses_reference or dpo.reference == "adapter_off":
+        return None, None
+    if dpo.reference == "frozen":  # a copy: the state's own parameters are donated to each step
+        return jax.tree.map(lambda x: x.copy(), start()), None
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for pair in splits[split].pairs:
+            for ids, mask in pair.sequences():
+                digest.update(ids.tobytes() + mask.tobytes())
+    fingerprint = {"init_from": resolved_config(cfg, model_cfg)["init_from"], "lora": lora and dataclasses.asdict(lora),
+                   "seed": cfg.seed, "pairs": digest.hexdigest()}
+    tables = preference.load_reference(run_dir, fingerprint)
+    if tables is not None:
+        return None, tables
+    weights = start()
+    logps_step = state_lib.make_logps_step(model_cfg, mesh, lora)
+    tables = {}
+    for split, data in splits.items():
+        table = np.zeros((len(data.pairs) and max(p.index for p in data.pairs) + 1, 2), np.float64)
+        for batch in preference.eval_batches(data.pairs, seq_len=cfg.seq_len, local_batch=cfg.batch_size):
+            local = {k: v[jax.process_index()::jax.process_count()] for k, v in batch.items()}
+            logps, _ = logps_step(weights, parallel.put_batch(preference.with_reference(local, None), mesh,
+                                                              cfg.batch_size), frozen)
+            preference.record_logps(np.asarray(logps), batch, len(table), out=table)
+        tables[split] = table.astype(np.float32)
+    if jax.process_index() == 0:
+        path = preference.save_reference(run_dir, tables, fingerprint)
+        print(f"reference log-probabilities of {sum(len(d.pairs) for d in splits.values())} pairs precomputed "
+              f"into {path}", flush=True)
+    return None, tables
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -353,6 +450,10 @@ def _announce(run: Run) -> None:
         f"{what}, vocab {model_cfg.vocab_size} | {cfg.batch_size} x {cfg.seq_len} tokens "
         f"per step on {jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
         f"{parallel.describe_mesh(run.mesh)}" + (f", {processes} processes" if processes > 1 else ""))
+    if cfg.objective == "dpo":
+        ref = "none (reference-free)" if not cfg.dpo.uses_reference else cfg.dpo.reference
+        run.logger.print(f"objective dpo: loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, reference {ref}; "
+                         f"{len(run.val_batches)} validation batches of pairs")
     if run.baselines:
         run.logger.print("baselines on the validation tokens: " +
                          ", ".join(f"{k} {v:.4f}" for k, v in run.baselines.items()))
@@ -378,6 +479,7 @@ def run_steps(run: Run, on_step: Callable[[int, Run], Any] | None = None) -> str
             t0 = time.perf_counter()
             run.state, out = run.step_fn(run.state, run.put_batch(next(run.data_iter)))
             loss = float(out["loss"])
+            extra = {k: float(v) for k, v in out.items() if k not in ("loss", "grad_norm", "tokens")}
             window_time += time.perf_counter() - t0
             window_steps += 1
             if not math.isfinite(loss):
@@ -396,12 +498,12 @@ def run_steps(run: Run, on_step: Callable[[int, Run], Any] | None = None) -> str
                 logger.log(step, "train", {
                     "loss": loss, "grad_norm": float(out["grad_norm"]), "lr": float(schedule(step - 1)),
                     "tokens": int(out["tokens"]), "tokens_per_s": round(tps, 1),
-                    "mfu": round(flops_per_token * tps / peak_total, 4) if peak_total else None})
+                    "mfu": round(flops_per_token * tps / peak_total, 4) if peak_total else None, **extra})
                 window_time, window_steps = 0.0, 0
             if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.steps:
                 result = run.evaluate()
                 if result is not None:
-                    logger.log(step, "val", {"loss": result[0], "ppl": math.exp(min(result[0], 50.0))})
+                    logger.log(step, "val", {k: v for k, v in result.items() if k != "tokens"})
             if (step % cfg.save_every == 0 or step == cfg.steps) and step != last_saved:
                 run.save(step)
                 last_saved = step
@@ -425,13 +527,15 @@ def _finish(run: Run, status: str, seconds: float) -> TrainResult:
     if status == "completed":
         result = run.evaluate()
         if result is not None:
-            val_loss = result[0]
+            val_loss = result["loss"]
             if run.primary and final_step > run.start_step:
                 with open(os.path.join(run.run_dir, metrics_lib.METRICS_FILE), "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": final_step, "split": "val", "loss": val_loss,
-                                        "ppl": math.exp(min(val_loss, 50.0))}) + "\n")
-            if run.primary:
-                _report(val_loss, result[1], run.baselines)
+                    record = {k: v for k, v in result.items() if k != "tokens"}
+                    f.write(json.dumps({"step": final_step, "split": "val", **record}) + "\n")
+            if run.primary and cfg.objective == "dpo":
+                _report_preference(result)
+            elif run.primary:
+                _report(val_loss, result["tokens"], run.baselines)
         if run.primary and cfg.log.plot:
             metrics_lib.plot_losses(run.run_dir)
         if cfg.log.sample_prompt and jax.process_count() > 1:
@@ -441,7 +545,7 @@ def _finish(run: Run, status: str, seconds: float) -> TrainResult:
             run.logger.print("sample skipped: generating merges the adapters into a full-precision copy of the base; "
                              "`phi3jax generate --ckpt` the run (or `convert merge-lora`) where that fits")
         elif cfg.log.sample_prompt:
-            chat = cfg.data.format == "chat"
+            chat = cfg.data.format in ("chat", "preference")
             params = run.state.params
             if cfg.lora is not None:
                 params = lora_lib.merge(run.frozen, params, run.model_cfg, cfg.lora)
@@ -493,6 +597,12 @@ def _report(val_loss: float, count: float, base: dict[str, float]) -> None:
     if "bigram" in base:
         verdict = "below" if val_loss < base["bigram"] else "NOT below"
         lines.append(f"  the model is {verdict} the bigram baseline ({val_loss - base['bigram']:+.4f})")
+    print("\n".join(lines), flush=True)
+
+
+def _report_preference(result: dict[str, float]) -> None:
+    lines = [f"validation ({int(result['pairs'])} preference pairs, means over pairs):",
+             f"  loss {result['loss']:.4f}   " + "   ".join(f"{k} {result[k]:.4f}" for k in dpo_lib.METRICS)]
     print("\n".join(lines), flush=True)
 
 

@@ -25,7 +25,8 @@ from phi3jax import lora as lora_lib
 from phi3jax.config import LoraConfig, Phi3Config
 from phi3jax.model import Params, Phi3, abstract_params, param_shardings
 from phi3jax.parallel import batch_sharding
-from phi3jax.train.step import TrainState, init_train_state, loss_sums, train_step
+from phi3jax.train.dpo import DpoConfig, dpo_train_step, pair_logps, preference_sums
+from phi3jax.train.step import TrainState, init_train_state, loss_sums, token_nll, train_step
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -128,3 +129,54 @@ def make_eval_step(cfg: Phi3Config, mesh: Mesh, lora: LoraConfig | None = None) 
     return jax.jit(lambda adapters, batch, frozen: loss_sums(adapters, cfg, batch, mesh, frozen=frozen, lora=lora),
                    in_shardings=(trained_shardings(cfg, mesh, lora), batch_sharding(mesh),
                                  lora_lib.base_shardings(cfg, lora, mesh)), out_shardings=replicated(mesh))
+
+
+# ----------------------------------------------------------------------------- preference tuning
+def reference_shardings(cfg: Phi3Config, mesh: Mesh, dpo: DpoConfig, lora: LoraConfig | None = None) -> Any:
+    """Shardings of the `ref_params` a DPO step takes: the parameters (a frozen copy), with LoRA the
+    initial adapters' copy; None where the reference needs no weights of its own."""
+    if not dpo.uses_reference or dpo.reference != "frozen":
+        return None
+    return trained_shardings(cfg, mesh, lora)
+
+
+def make_dpo_step(cfg: Phi3Config, mesh: Mesh, optimizer: optax.GradientTransformation, dpo: DpoConfig,
+                  accum_steps: int = 1, donate: bool = True, lora: LoraConfig | None = None, seed: int = 0) -> Any:
+    """`state, metrics = step(state, batch, frozen, ref_params)` for `objective: dpo` over `mesh`:
+    `frozen` the LoRA base (else None), `ref_params` the frozen reference (`reference_shardings`;
+    else None); neither is donated."""
+    shardings = state_shardings(cfg, mesh, optimizer, lora)
+    base = lora_lib.base_shardings(cfg, lora, mesh) if lora is not None else None
+
+    def step(state: TrainState, batch: dict[str, jax.Array], frozen: Params | None, ref_params: Params | None):
+        return dpo_train_step(state, batch, cfg, optimizer, dpo, accum_steps, mesh, frozen, ref_params, lora, seed)
+
+    ref = reference_shardings(cfg, mesh, dpo, lora)
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), base, ref),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,) if donate else ())
+
+
+def make_dpo_eval_step(cfg: Phi3Config, mesh: Mesh, dpo: DpoConfig, lora: LoraConfig | None = None) -> Any:
+    """`(loss_sum, sums) = eval_step(params, batch, frozen, ref_params)`: the preference loss and
+    metric sums over the pairs of a batch (`phi3jax.train.dpo.preference_sums`)."""
+    base = lora_lib.base_shardings(cfg, lora, mesh) if lora is not None else None
+
+    def sums(params: Params, batch: dict[str, jax.Array], frozen: Params | None, ref_params: Params | None):
+        return preference_sums(params, cfg, batch, dpo, mesh, ref_params=ref_params, frozen=frozen, lora=lora)
+
+    return jax.jit(sums, in_shardings=(trained_shardings(cfg, mesh, lora), batch_sharding(mesh), base,
+                                       reference_shardings(cfg, mesh, dpo, lora)), out_shardings=replicated(mesh))
+
+
+def make_logps_step(cfg: Phi3Config, mesh: Mesh, lora: LoraConfig | None = None) -> Any:
+    """`(logps, counts) = step(params, batch, frozen)`: each pair's chosen and rejected completion
+    log-probabilities [B, T/2, 2] and token counts, replicated (with `lora`: `params` the adapters
+    on the base `frozen`; `params` None with a base: the base alone)."""
+    def logps(params: Params | None, batch: dict[str, jax.Array], frozen: Params | None):
+        if params is None:
+            nll = token_nll(frozen, cfg, batch, mesh)
+        else:
+            nll = token_nll(params, cfg, batch, mesh, frozen=frozen, lora=lora)
+        return pair_logps(-nll, batch)
+
+    return jax.jit(logps, out_shardings=replicated(mesh))

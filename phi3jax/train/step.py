@@ -25,7 +25,6 @@ import optax
 from phi3jax import rope
 from phi3jax.config import LoraConfig, Phi3Config
 from phi3jax.model import Params, Phi3
-from phi3jax.train.batch import BATCH_KEYS
 
 Batch = dict[str, jax.Array]
 
@@ -130,7 +129,36 @@ def _split_micro(batch: Batch, k: int) -> Batch:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by optim.accum_steps={k}")
         return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
-    return {key: split(batch[key]) for key in BATCH_KEYS}
+    return {key: split(value) for key, value in batch.items()}
+
+
+def accumulate(sums_fn: Any, params: Params, batch: Batch, accum_steps: int = 1, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array], Params]:
+    """(summed loss, summed aux, gradient of the *mean* loss) over `accum_steps` micro-batches.
+
+    `sums_fn(params, micro_batch, rng) -> (loss sum, {"count": what the mean divides by, ...})`;
+    micro-batch k's rng is fold_in(rng, k). Sums, not means, are accumulated, so the result equals
+    one pass over the whole batch whatever each micro-batch holds."""
+    grad_fn = jax.value_and_grad(sums_fn, has_aux=True)
+    if accum_steps == 1:
+        (total, sums), grads = grad_fn(params, batch, rng)
+    else:
+        def body(carry: tuple[jax.Array, dict[str, jax.Array], Params], micro: tuple[jax.Array, Batch]):
+            total, sums, grads = carry
+            k, micro_batch = micro
+            micro_rng = None if rng is None else jax.random.fold_in(rng, k)
+            (t, s), g = grad_fn(params, micro_batch, micro_rng)
+            return (total + t, jax.tree.map(jnp.add, sums, s), jax.tree.map(jnp.add, grads, g)), None
+
+        micro = (jnp.arange(accum_steps), _split_micro(batch, accum_steps))
+        first = jax.tree.map(lambda x: x[0], micro[1])
+        _, sums_shape = jax.eval_shape(sums_fn, params, first, rng)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape), zeros)
+        (total, sums, grads), _ = jax.lax.scan(body, init, micro)
+    denom = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    return total, sums, grads
 
 
 def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: int = 1, mesh: Any = None,
@@ -138,24 +166,20 @@ def loss_and_grads(params: Params, cfg: Phi3Config, batch: Batch, accum_steps: i
                    ) -> tuple[jax.Array, jax.Array, Params]:
     """(mean loss, counted tokens, gradient of the mean loss wrt `params`), accumulated over
     micro-batches (micro-batch k's dropout uses fold_in(rng, k))."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-    if accum_steps == 1:
-        (total, count), grads = grad_fn(params, cfg, batch, mesh, frozen=frozen, lora=lora, rng=rng)
-    else:
-        def body(carry: tuple[jax.Array, jax.Array, Params], micro: tuple[jax.Array, Batch]):
-            total, count, grads = carry
-            k, micro_batch = micro
-            micro_rng = None if rng is None else jax.random.fold_in(rng, k)
-            (t, c), g = grad_fn(params, cfg, micro_batch, mesh, frozen=frozen, lora=lora, rng=micro_rng)
-            return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+    def sums_fn(p: Params, micro: Batch, micro_rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        total, count = loss_sums(p, cfg, micro, mesh, frozen=frozen, lora=lora, rng=micro_rng)
+        return total, {"count": count}
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        micro = (jnp.arange(accum_steps), _split_micro(batch, accum_steps))
-        (total, count, grads), _ = jax.lax.scan(body, init, micro)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    return total / denom, count, grads
+    total, sums, grads = accumulate(sums_fn, params, batch, accum_steps, rng)
+    return total / jnp.maximum(sums["count"], 1.0), sums["count"], grads
+
+
+def apply_gradients(state: TrainState, grads: Params, optimizer: optax.GradientTransformation
+                    ) -> tuple[TrainState, jax.Array]:
+    """(the state after one optimiser update, the gradient's global norm)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), optax.tree.norm(grads)
 
 
 def train_step(state: TrainState, batch: Batch, cfg: Phi3Config, optimizer: optax.GradientTransformation,
@@ -168,7 +192,5 @@ def train_step(state: TrainState, batch: Batch, cfg: Phi3Config, optimizer: opta
     if lora is not None and lora.dropout > 0:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
     loss, count, grads = loss_and_grads(state.params, cfg, batch, accum_steps, mesh, frozen, lora, rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state, grad_norm = apply_gradients(state, grads, optimizer)
+    return state, {"loss": loss, "tokens": count, "grad_norm": grad_norm}

@@ -192,3 +192,45 @@ def test_plan_lora_settings_are_checked(capsys):
         plan.lora_overrides(None, ["lora.base_dtype=int4"])
     assert plan.lora_overrides(None, []) is None
     assert plan.lora_overrides(None, ["lora.targets=qkv,o"]).targets == ("qkv", "o")
+
+
+@needs_libtpu
+def test_dpo_plan_reports_the_reference_and_precomputed_and_adapter_off_add_no_parameter_sized_buffer():
+    """The preference step compiled by libtpu for one v5e chip (the tiny preset, 2 x 256): a frozen
+    reference adds a copy of what is trained to the arguments; `precomputed` adds one float per batch
+    position and `adapter_off` nothing, and neither adds a temporary anywhere near the parameters' size."""
+    from phi3jax.config import LoraConfig
+    from phi3jax.train.dpo import DpoConfig
+
+    target, inputs = plan.parse_target("v5e:1x1"), plan.plan_inputs("tiny")
+
+    def compiled(lora=None, dpo=None):
+        inputs.dpo = dpo
+        p = plan.make_plan(inputs, target, batch=2, seq=256, lora=lora)
+        assert p.fits and p.argument_bytes
+        return p
+
+    lm, frozen = compiled(), compiled(dpo=DpoConfig(reference="frozen"))
+    pre = compiled(dpo=DpoConfig(reference="precomputed"))
+    assert frozen.reference_bytes == lm.params_bytes and frozen.argument_bytes - lm.argument_bytes >= lm.params_bytes
+    assert pre.reference_bytes == 0 and pre.argument_bytes - lm.argument_bytes == 2 * 256 * 4  # ref_logps [2, 256]
+    assert pre.temp_bytes - lm.temp_bytes < lm.params_bytes / 20
+    lora = LoraConfig(rank=16, base_dtype="bfloat16")
+    plain, off = compiled(lora=lora), compiled(lora=lora, dpo=DpoConfig(reference="adapter_off"))
+    base = plain.frozen_projection_bytes + plain.frozen_other_bytes
+    assert off.reference_bytes == 0 and off.argument_bytes == plain.argument_bytes
+    assert off.temp_bytes - plain.temp_bytes < base / 20
+    assert "reference adapter_off" in plan.format_plan(off) and "(none of its own)" in plan.format_plan(off)
+    with pytest.raises(plan.PlanError, match="adapter_off"):
+        compiled(dpo=DpoConfig(reference="adapter_off"))
+
+
+def test_plan_dpo_settings_are_checked():
+    assert plan.dpo_overrides(None, []) is None
+    assert plan.dpo_overrides(None, ["objective=dpo"]).reference == "frozen"
+    assert plan.dpo_overrides(None, ["dpo.reference=precomputed"]).reference == "precomputed"
+    assert plan.dpo_overrides(plan.dpo_overrides(None, ["objective=dpo"]), ["objective=lm"]) is None
+    with pytest.raises(plan.PlanError, match="dpo.KEY=VALUE"):
+        plan.dpo_overrides(None, ["beta=0.2"])
+    with pytest.raises(plan.PlanError, match="dpo.loss"):
+        plan.dpo_overrides(None, ["dpo.loss=kto"])

@@ -28,4 +28,6 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert (tmp_path / "work" / "runs" / "sft").is_dir() and (tmp_path / "work" / "sft-f16.gguf").is_file()
     assert (tmp_path / "work" / "lora-peft" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "work" / "lora-f16.gguf").is_file()
+    assert (tmp_path / "work" / "runs" / "dpo" / "reference_logps.json").is_file()
+    assert "rewards/accuracies" in outputs
     assert seconds < 300, f"the notebook took {seconds:.0f}s; CI allows 5 minutes"

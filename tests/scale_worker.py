@@ -395,7 +395,69 @@ def mode_lora(out: str) -> None:
         json.dump(result, f)
 
 
+DPO_MESHES = {"frozen": ("fsdp4_tensor2", "fsdp2_sequence4"), "precomputed": ("fsdp2_sequence4",)}
+
+
+def dpo_batches() -> list[dict[str, np.ndarray]]:
+    """Five batches of packed preference pairs: segments 2k+1 / 2k+2 are pair k's chosen / rejected
+    sequences (a 4-token prompt without loss, then the completion); padding at the end of some rows;
+    a precomputed reference value at each sequence's first position."""
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(STEPS):
+        toks = rng.integers(3, 128, size=(BATCH, SEQ))
+        seg, pos, mask, ref = (np.zeros((BATCH, SEQ), t) for t in (np.int32, np.int32, np.float32, np.float32))
+        for b in range(BATCH):
+            cuts = [0, 8, 16] if b % 2 else [0, 4, 8, 12, 15]  # one pair, or two pairs and a padding slot
+            for s, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True), start=1):
+                seg[b, lo:hi], pos[b, lo:hi] = s, np.arange(hi - lo)
+                mask[b, lo + 2: hi] = 1.0
+                ref[b, lo] = -rng.uniform(5, 20)
+        out.append(dict(inputs=toks, targets=np.roll(toks, -1, axis=1), loss_mask=mask, segment_ids=seg,
+                        positions=pos, ref_logps=ref))
+    return out
+
+
+def mode_dpo(out: str) -> None:
+    """DPO (sigmoid, beta 0.5) with a frozen reference (a copy of the starting parameters, sharded
+    like them) and with a precomputed one: five steps unsharded on one device, then on its DPO_MESHES."""
+    import jax
+
+    from phi3jax import parallel
+    from phi3jax.model import init_params
+    from phi3jax.train import state as state_lib
+    from phi3jax.train.dpo import DpoConfig, dpo_train_step
+    from phi3jax.train.step import init_train_state
+
+    cfg, opt = tiny_config(), optimizer()
+    params = init_params(cfg, 0)
+    result: dict = {"reference": {}, "losses": {}}
+    for ref in ("frozen", "precomputed"):
+        dpo = DpoConfig(beta=0.5, reference=ref)
+        ref_params = params if ref == "frozen" else None
+        state = init_train_state(params, opt)
+        step = jax.jit(lambda s, b, r, d=dpo: dpo_train_step(s, b, cfg, opt, d, ref_params=r))
+        losses = []
+        for batch in dpo_batches():
+            state, metrics = step(state, batch, ref_params)
+            losses.append([float(metrics["loss"]), float(metrics["rewards/margins"]), float(metrics["pairs"])])
+        result["reference"][ref] = losses
+        for name in DPO_MESHES[ref]:
+            mesh = parallel.make_mesh(MESHES[name])
+            state = state_lib.sharded_init(cfg, mesh, opt, 0)  # the same values as init_params(cfg, 0)
+            refs = None if ref_params is None else jax.device_put(
+                params, state_lib.reference_shardings(cfg, mesh, dpo))
+            step = state_lib.make_dpo_step(cfg, mesh, opt, dpo)
+            losses = []
+            for batch in dpo_batches():
+                state, metrics = step(state, parallel.put_batch(batch, mesh), None, refs)
+                losses.append([float(metrics["loss"]), float(metrics["rewards/margins"]), float(metrics["pairs"])])
+            result["losses"][f"{ref}/{name}"] = losses
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     {"meshes": mode_meshes, "ring": mode_ring, "restore": mode_restore, "multihost": mode_multihost,
-     "hfload": mode_hfload, "lora": mode_lora}[mode](*args)
+     "hfload": mode_hfload, "lora": mode_lora, "dpo": mode_dpo}[mode](*args)

@@ -269,3 +269,20 @@ def test_adapters_are_sharded_like_their_base_weights_matching_axis(lora_meshes)
     # [layers, 256 / 64 = 4 blocks over fsdp 4, 64 / 2 bytes, 4 heads over tensor 2, head_dim 64]
     assert base["layers/attn/q/nf4"]["shard"] == [2, 1, 32, 2, 64]
     assert base["layers/mlp/down/nf4"]["spec"] == [None, "tensor", None, fsdp]  # 4 mlp blocks over tensor 2
+
+
+# ------------------------------------------------------------------------------ DPO
+@pytest.fixture(scope="session")
+def dpo_meshes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo")
+    run_worker("dpo", d / "out.json")
+    return json.loads((d / "out.json").read_text())
+
+
+@pytest.mark.parametrize("reference, mesh", [(r, m) for r, ms in scale_worker.DPO_MESHES.items() for m in ms])
+def test_dpo_steps_give_the_same_losses_and_margins_on_every_mesh(dpo_meshes, mesh, reference):
+    """Packed pairs, a frozen reference sharded like the parameters or a precomputed one in the
+    batch: the same five (loss, rewards/margins, pairs) as one unsharded device."""
+    want = np.asarray(dpo_meshes["reference"][reference])
+    np.testing.assert_allclose(dpo_meshes["losses"][f"{reference}/{mesh}"], want, atol=LOSS_TOL, rtol=0)
+    assert want[0, 2] == 12 and np.ptp(want[:, 0]) > 1e-3  # 12 pairs per batch, and it trained

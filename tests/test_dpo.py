@@ -23,7 +23,7 @@ from phi3jax.train import preference as pref
 from phi3jax.train.config import TrainConfigError
 from phi3jax.train.data import DataError
 from phi3jax.train.dpo import DpoConfig, pair_logps, preference_terms
-from phi3jax.train.metrics import read_metrics
+from phi3jax.train.metrics import plot_losses, read_metrics
 from phi3jax.train.step import token_nll
 
 EXAMPLE = str(REPO / "configs" / "data" / "preference_example.jsonl")
@@ -306,6 +306,7 @@ def test_a_short_dpo_run_prefers_the_chosen_answers_on_held_out_pairs(tmp_path, 
     assert end["rewards/accuracies"] > 0.5 and end["rewards/margins"] > start["rewards/margins"] + 0.05
     assert end["logps/chosen"] > 1.25 * start["logps/chosen"]
     assert end["logps/rejected"] < start["logps/rejected"]
+    assert plot_losses(cfg.run_dir).endswith("loss.png")  # the loss and the rewards panel
 
 
 def test_eval_preference_of_a_model_against_itself_and_against_its_start(tmp_path, base_run):

@@ -161,10 +161,14 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
 
 def plot_losses(run_dir: str) -> str | None:
-    """loss.png: training loss per step and validation loss, from metrics.jsonl."""
+    """loss.png: training loss per step and validation loss, from metrics.jsonl; a preference run
+    (DPO) adds a second panel with rewards/accuracies and rewards/margins."""
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and isinstance(r["loss"], float)]
-    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and isinstance(r["loss"], float)]
+
+    def series(split: str, key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if r.get("split") == split and isinstance(r.get(key), float)]
+
+    train, val = series("train", "loss"), series("val", "loss")
     if not train and not val:
         return None
     import matplotlib
@@ -172,15 +176,27 @@ def plot_losses(run_dir: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    preference = any("rewards/margins" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("preference loss (mean over pairs)" if preference else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        ax = axes[0][1]
+        for key in ("rewards/accuracies", "rewards/margins"):
+            for split, style in (("train", "-"), ("val", "o-")):
+                points = series(split, key)
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=f"{split} {key}", linewidth=1)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path = os.path.join(run_dir, PLOT_FILE)
     fig.savefig(path)

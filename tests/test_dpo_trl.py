@@ -77,7 +77,18 @@ def _trl(models, records, tmp_path, loss_type="sigmoid", beta=0.1, label_smoothi
     return stack(chosen, rejected), stack(ref_chosen, ref_rejected), lengths, float(loss), metrics
 
 
-def _ours(models, records, dpo=None):
+_SCORED: dict = {}
+
+
+def _ours(models, records):
+    """phi3jax's (policy, reference, completion counts) per record, computed once per record set."""
+    key = id(records)
+    if key not in _SCORED:
+        _SCORED[key] = _score(models, records)
+    return _SCORED[key]
+
+
+def _score(models, records):
     _, _, policy_dir, ref_dir = models
     tok = Tokenizer.load(policy_dir)
     pairs = tokenize_records([(str(i), r) for i, r in enumerate(records)], tok, max_length=512).pairs

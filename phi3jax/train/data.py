@@ -389,17 +389,22 @@ def eval_batches(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer,
         return []
     ds = _documents(docs, indices).map(Tokenize(tokenizer, add_bos, add_eos)).to_iter_dataset(_read_options())
     rows = list(PackIterDataset(ds.filter(_nonempty), seq_len, split_documents))
+    pad = {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+    return rows_to_batches(rows, pad, local_batch, process_index, process_count, max_batches)
+
+
+def rows_to_batches(rows: list[dict[str, np.ndarray]], pad: dict[str, np.ndarray], local_batch: int,
+                    process_index: int = 0, process_count: int = 1, max_batches: int = 0
+                    ) -> list[dict[str, np.ndarray]]:
+    """Packed rows in global batches of local_batch x process_count (the last padded with `pad`, at
+    most `max_batches` if set), each reduced to this process's rows."""
     per_batch = local_batch * process_count
     n_batches = -(-len(rows) // per_batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    pad = {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
     rows = (rows + [pad] * (n_batches * per_batch - len(rows)))[: n_batches * per_batch]
-    batches = []
-    for b in range(n_batches):
-        chunk = rows[b * per_batch: (b + 1) * per_batch][process_index::process_count]
-        batches.append({k: np.stack([r[k] for r in chunk]) for k in BATCH_KEYS})
-    return batches
+    return [{k: np.stack([r[k] for r in rows[b * per_batch: (b + 1) * per_batch][process_index::process_count]])
+             for k in pad} for b in range(n_batches)]
 
 
 def document_pairs(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer, add_bos: bool = True,

@@ -125,7 +125,7 @@ def preference_terms(policy: jax.Array, reference: jax.Array | None, counts: jax
         else:  # robust
             loss = (-(1 - eps) * jax.nn.log_sigmoid(beta * delta)
                     + eps * jax.nn.log_sigmoid(-beta * delta)) / (1 - 2 * eps)
-        rewards, logps = beta * jax.lax.stop_gradient(ratio), policy
+        rewards, logps = beta * ratio, policy
     rewards = jax.lax.stop_gradient(rewards)
     metrics = {"rewards/chosen": rewards[..., 0], "rewards/rejected": rewards[..., 1],
                "rewards/accuracies": (rewards[..., 0] > rewards[..., 1]).astype(jnp.float32),

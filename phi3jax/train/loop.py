@@ -191,7 +191,8 @@ def _load_lora_base(cfg: TrainConfig, lora: LoraConfig, run_dir: str, resuming: 
             ckpt.copy_tokenizer_files(tok_source, run_dir)
         model_cfg, tokenizer = _check_model_overrides(cfg, base_cfg, cfg.init_from), Tokenizer.load(tok_source)
     adapters = None
-    if start is not None:
+    reference_needs_start = (cfg.objective == "dpo" and cfg.dpo.uses_reference and cfg.dpo.reference != "adapter_off")
+    if start is not None and (not resuming or reference_needs_start):
         parent, _ = run_lora(start[0])
         if (parent.rank, parent.targets) != (lora.rank, lora.targets):
             raise TrainConfigError(f"init_from={cfg.init_from} has adapters of rank {parent.rank} on {parent.targets}; "

@@ -36,7 +36,7 @@ import numpy as np
 
 from phi3jax.tokenizer import Tokenizer
 from phi3jax.train.batch import BATCH_KEYS
-from phi3jax.train.data import DataError, check_messages, resolve_paths
+from phi3jax.train.data import DataError, check_messages, resolve_paths, rows_to_batches
 
 REF_KEY, INDEX_KEY = "ref_logps", "pair_index"
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -288,10 +288,7 @@ def eval_batches(pairs: Sequence[Pair], *, seq_len: int, local_batch: int, proce
         return []
     source = grain.MapDataset.source(list(pairs)).to_iter_dataset()
     rows = list(PairPackIterDataset(source, seq_len))
-    per_batch = local_batch * process_count
-    rows += [_empty_row(seq_len)] * (-len(rows) % per_batch)
-    return [{k: np.stack([r[k] for r in rows[b: b + per_batch][process_index::process_count]]) for k in rows[0]}
-            for b in range(0, len(rows), per_batch)]
+    return rows_to_batches(rows, _empty_row(seq_len), local_batch, process_index, process_count)
 
 
 def with_reference(batch: dict[str, np.ndarray], table: np.ndarray | None) -> dict[str, np.ndarray]:

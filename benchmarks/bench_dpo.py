@@ -59,7 +59,7 @@ def jax_dpo_step(params, cfg, examples) -> tuple[Callable[[], None], list[float]
             sides.append((ids, np.r_[np.zeros(len(ex["prompt_ids"])), np.ones(len(ex[key]))].astype(np.float32)))
         pairs.append(preference.Pair(i, sides[0], sides[1]))
     seq = max(preference.pair_positions(p) for p in pairs)
-    (batch,) = preference.eval_batches(pairs, seq_len=seq, local_batch=len(pairs))
+    (batch,) = preference.eval_batches(pairs, seq_len=seq, batch_size=len(pairs))
     batch = {k: jax.numpy.asarray(v) for k, v in preference.with_reference(batch, None).items()}
     optimizer = make_optimizer(OPTIM, 1000)
     reference = jax.tree.map(lambda x: x.copy(), params)  # the frozen copy; the state's params are donated

@@ -35,7 +35,7 @@ def score_pairs(params: Params, cfg: Phi3Config, pairs: Sequence[preference.Pair
     step = make_logps_step(cfg, mesh)
     n = max(p.index for p in pairs) + 1 if pairs else 0
     logps, counts = np.full((n, 2), np.nan), np.full((n, 2), np.nan)
-    batches = preference.eval_batches(pairs, seq_len=seq_len, local_batch=batch_size)
+    batches = preference.eval_batches(pairs, seq_len=seq_len, batch_size=batch_size)
     for batch in tqdm(batches, desc=progress or None, disable=not progress, unit="batch"):
         lp, c = step(params, put_batch(preference.with_reference(batch, None), mesh), None)
         preference.record_logps(np.asarray(lp), batch, n, out=logps)

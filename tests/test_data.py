@@ -3,7 +3,9 @@ checkpointable iterator state, and clear errors on bad input."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from phi3jax.train.data import DataError
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    return data.train_sentencepiece(data.default_corpus()[:30], 300, str(out))
+    return data.train_sentencepiece(data.default_corpus()[:30], 512, str(out))
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +25,17 @@ def docs():
     return [t[:1500] for t in data.default_corpus()[:20]]
 
 
-def test_default_corpus_is_cpython_pydoc_topics():
+def test_default_corpus_is_the_shipped_snapshot_of_the_pydoc_topics(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # never the running interpreter's copy
     corpus = data.default_corpus()
-    assert len(corpus) > 50 and sum(map(len, corpus)) > 300_000
+    assert len(corpus) == 258 and sum(map(len, corpus)) == 491_797  # the same on every Python
     assert any("for_stmt" in t or "The \"for\" statement" in t for t in corpus)
+    assert data.default_corpus_identity()["sha256"] == data.DEFAULT_CORPUS_SHA256
+    damaged = tmp_path / "topics.json.gz"
+    damaged.write_bytes(gzip.compress(b'{"for": "changed"}'))
+    monkeypatch.setattr(data, "DEFAULT_CORPUS_FILE", str(damaged))
+    with pytest.raises(DataError, match="damaged"):
+        data.default_corpus()
 
 
 def test_trained_tokenizer_reserves_the_phi3_chat_tokens(tokenizer):
@@ -95,7 +104,7 @@ def _same(a, b):
 
 
 def test_iterator_state_restores_the_exact_position(docs, tokenizer):
-    ds = data.train_batches(docs, np.arange(len(docs)), tokenizer, seq_len=64, local_batch=3, seed=5)
+    ds = data.train_batches(docs, np.arange(len(docs)), tokenizer, seq_len=64, batch_size=3, seed=5)
     it = iter(ds)
     _collect(it, 7)  # mid-document, mid-epoch
     state = json.loads(json.dumps(it.get_state()))  # what the checkpoint stores
@@ -107,7 +116,7 @@ def test_iterator_state_restores_the_exact_position(docs, tokenizer):
 
 def test_shuffle_is_deterministic_by_seed_and_differs_per_epoch(docs, tokenizer):
     def first_tokens(seed, n):
-        it = iter(data.train_batches(docs, np.arange(len(docs)), tokenizer, seq_len=512, local_batch=1,
+        it = iter(data.train_batches(docs, np.arange(len(docs)), tokenizer, seq_len=512, batch_size=1,
                                      seed=seed, split_documents=False))
         return [int(next(it)["inputs"][0, 1]) for _ in range(n)]
 
@@ -117,20 +126,49 @@ def test_shuffle_is_deterministic_by_seed_and_differs_per_epoch(docs, tokenizer)
     assert a[: len(docs)] != a[len(docs):]  # epoch 2 is shuffled differently
 
 
-def test_processes_read_disjoint_documents(tokenizer):
+def test_rows_read_disjoint_documents(tokenizer):
     docs = [f"document number {k}" for k in range(12)]
-    seen = []
-    for p in range(3):
-        it = iter(data.train_batches(docs, np.arange(12), tokenizer, seq_len=16, local_batch=1, seed=0,
-                                     split_documents=False, process_index=p, process_count=3))
-        seen.append({tokenizer.decode(next(it)["inputs"][0][1:], skip_special=True).split("number")[-1].strip()
-                     .split()[0] for _ in range(4)})
+    it = iter(data.train_batches(docs, np.arange(12), tokenizer, seq_len=16, batch_size=3, seed=0,
+                                 split_documents=False))
+    seen = [set() for _ in range(3)]
+    for _ in range(4):
+        batch = next(it)
+        for r in range(3):
+            seen[r].add(tokenizer.decode(batch["inputs"][r][1:], skip_special=True).split("number")[-1].split()[0])
     assert all(len(s) == 4 for s in seen)
     assert set.union(*seen) == {str(k) for k in range(12)} and sum(map(len, seen)) == 12
 
 
+def test_the_global_batch_does_not_depend_on_which_process_builds_which_rows(docs, tokenizer):
+    """Three "processes" holding rows {0, 1}, {2}, {3, 4, 5} of a global batch of 6 build exactly the rows
+    of one process holding all six; their states, merged, move a one-process iterator (and back)."""
+    def stream(rows=None):
+        return iter(data.train_batches(docs, np.arange(len(docs)), tokenizer, seq_len=64, batch_size=6, seed=2,
+                                       rows=rows))
+
+    whole, parts = stream(), [stream([0, 1]), stream([2]), stream([3, 4, 5])]
+    for _ in range(9):  # mid-document, across epochs
+        full, pieces = next(whole), [next(p) for p in parts]
+        for key in data.BATCH_KEYS:
+            np.testing.assert_array_equal(full[key], np.concatenate([p[key] for p in pieces]))
+    merged = json.loads(json.dumps(data.merge_states([p.get_state() for p in parts])))
+    assert merged == whole.get_state()
+    expected = _collect(whole, 5)
+    resumed = stream()
+    resumed.set_state(merged)  # saved by three processes, resumed by one
+    assert _same(_collect(resumed, 5), expected)
+    two = [stream([0, 1, 2]), stream([3, 4, 5])]  # ... and by two
+    for p in two:
+        p.set_state(merged)
+    halves = [next(p) for p in two]
+    assert _same([{k: np.concatenate([h[k] for h in halves]) for k in data.BATCH_KEYS}], expected[:1])
+    with pytest.raises(data.DataError, match="global batch size"):
+        iter(data.train_batches(docs, np.arange(len(docs)), tokenizer, seq_len=64, batch_size=8, seed=2)
+             ).set_state(merged)
+
+
 def test_eval_batches_pad_to_whole_batches_without_loss(docs, tokenizer):
-    batches = data.eval_batches(docs, np.arange(5), tokenizer, seq_len=64, local_batch=4)
+    batches = data.eval_batches(docs, np.arange(5), tokenizer, seq_len=64, batch_size=4)
     rows = _rows(docs[:5], tokenizer)
     assert len(batches) == -(-len(rows) // 4)
     assert sum(b["loss_mask"].sum() for b in batches) == sum(r["loss_mask"].sum() for r in rows)

@@ -111,7 +111,7 @@ def _pairs(tokenizer, n=12, max_length=64):
 
 def test_pairs_are_packed_whole_chosen_then_rejected_and_resume_exactly(phi3_tokenizer):
     pairs = _pairs(phi3_tokenizer)
-    rows = pref.eval_batches(pairs, seq_len=128, local_batch=2)
+    rows = pref.eval_batches(pairs, seq_len=128, batch_size=2)
     seen = []
     for batch in rows:
         for b in range(batch["inputs"].shape[0]):
@@ -124,12 +124,12 @@ def test_pairs_are_packed_whole_chosen_then_rejected_and_resume_exactly(phi3_tok
                 np.testing.assert_array_equal(batch["loss_mask"][b][seg == s + 1], pair.rejected[1][1:])
                 seen.append(record)
     assert sorted(seen) == sorted(p.index for p in pairs)  # each pair once, none split
-    stream = iter(pref.train_batches(pairs, seq_len=128, local_batch=2, seed=3))
+    stream = iter(pref.train_batches(pairs, seq_len=128, batch_size=2, seed=3))
     for _ in range(3):
         next(stream)
     state = stream.get_state()
     expected = [next(stream) for _ in range(4)]
-    again = iter(pref.train_batches(pairs, seq_len=128, local_batch=2, seed=3))
+    again = iter(pref.train_batches(pairs, seq_len=128, batch_size=2, seed=3))
     again.set_state(state)
     for a, b in zip(expected, [next(again) for _ in range(4)], strict=True):
         for key in a:
@@ -146,7 +146,7 @@ def test_packed_log_probabilities_equal_each_sequence_scored_alone(phi3_tokenize
                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     params = init_params(cfg, jax.random.key(0))
     pairs = _pairs(phi3_tokenizer, n=6)
-    batch = pref.eval_batches(pairs, seq_len=256, local_batch=3)[0]
+    batch = pref.eval_batches(pairs, seq_len=256, batch_size=3)[0]
     device = {k: jnp.asarray(v) for k, v in pref.with_reference(batch, None).items()}
     packed = pref.record_logps(np.asarray(pair_logps(-token_nll(params, cfg, device), device)[0]), batch, 6)
     score = jax.jit(lambda b: -jnp.sum(token_nll(params, cfg, b) * b["loss_mask"]))

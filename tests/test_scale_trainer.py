@@ -1,5 +1,6 @@
 """train.py on a mesh: `mesh.fsdp=4 mesh.tensor=2` on 8 host devices, and two processes with 4
-devices each, log the same losses as one device.
+devices each, log the same losses as one device; a run saved by two processes continues in one, and
+the reverse, with the losses of a run that never stopped (the data order is global).
 
 The runs go through the real command (`train.py`, the config system, the data pipeline, orbax
 checkpoints), each in a fresh process so the host device count can be set. Float32 throughout;
@@ -29,12 +30,16 @@ def env_for(devices: int) -> dict[str, str]:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {_FAST_COMPILE}"}
 
 
-def train_cmd(config: str, *overrides: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "--config", config, *overrides]
+def train_cmd(config: str, *overrides: str, fault: str | None = None) -> list[str]:
+    program = [str(REPO / "train.py")] if fault is None else [str(REPO / "tests" / "train_with_faults.py"), fault]
+    return [sys.executable, *program, "--config", config, *overrides]
 
 
 def losses(run_dir: str) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    """Each step's training loss (a resumed run's steps once each, in order)."""
+    by_step = {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
+    assert sorted(by_step) == list(range(1, len(by_step) + 1)), sorted(by_step)
+    return [by_step[k] for k in sorted(by_step)]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +52,9 @@ def config(tmp_path_factory) -> str:
     return write_config(cfg, d / "small.yaml")
 
 
-def run_single(config: str, run_dir: str, devices: int, *overrides: str) -> list[float]:
-    proc = subprocess.run(train_cmd(config, f"run_dir={run_dir}", *overrides), cwd=REPO, env=env_for(devices),
-                          capture_output=True, text=True, timeout=600)
+def run_single(config: str, run_dir: str, devices: int, *overrides: str, fault: str | None = None) -> list[float]:
+    proc = subprocess.run(train_cmd(config, f"run_dir={run_dir}", *overrides, fault=fault), cwd=REPO,
+                          env=env_for(devices), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return losses(run_dir)
 
@@ -73,13 +78,14 @@ def test_train_py_on_fsdp4_tensor2_logs_the_same_losses_as_one_device(one_device
         assert "fsdp: 4" in f.read()
 
 
-def run_two_processes(config: str, run_dir: str, devices_each: int, *overrides: str) -> list[tuple[str, str]]:
+def run_two_processes(config: str, run_dir: str, devices_each: int, *overrides: str, fault: str | None = None
+                      ) -> list[tuple[str, str]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen(
         train_cmd(config, f"run_dir={run_dir}", *overrides, f"distributed.coordinator=127.0.0.1:{port}",
-                  "distributed.num_processes=2", f"distributed.process_id={i}"),
+                  "distributed.num_processes=2", f"distributed.process_id={i}", fault=fault),
         cwd=REPO, env=env_for(devices_each), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = []
@@ -94,16 +100,28 @@ def run_two_processes(config: str, run_dir: str, devices_each: int, *overrides: 
     return outs
 
 
-def test_train_py_on_two_processes_with_four_devices_each(config, tmp_path):
-    # The data pipeline gives each process its own stride of the documents, so a 2-process run
-    # sees other batches than a 1-process run (tests/test_scale_multidevice.py checks 2 x 4 = 1 x 8
-    # on identical batches). Here: the same two processes, once with one device each (no sharding
-    # inside a process) and once with fsdp=4 x tensor=2 over 4 devices each, train identically.
-    plain, sharded = str(tmp_path / "plain"), str(tmp_path / "sharded")
-    run_two_processes(config, plain, 1, "mesh.fsdp=2")
-    outs = run_two_processes(config, sharded, 4, "mesh.fsdp=4", "mesh.tensor=2")
-    assert len(losses(sharded)) == STEPS
-    np.testing.assert_allclose(losses(sharded), losses(plain), atol=1e-5, rtol=0)
+MESH = ("mesh.fsdp=4", "mesh.tensor=2")
+
+
+def test_train_py_on_two_processes_with_four_devices_each(config, tmp_path, eight_devices):
+    # The global batch of each step is the same whichever processes build its rows, so two processes
+    # of four devices log the losses of one process of eight.
+    run_dir = str(tmp_path / "run")
+    outs = run_two_processes(config, run_dir, 4, *MESH)
+    np.testing.assert_allclose(losses(run_dir), eight_devices[0], atol=1e-5, rtol=0)
     # Process 0 alone logs; both processes wrote their shards of the final checkpoint.
     assert "2 processes" in outs[0][0] and "run_dir" not in outs[1][0]
-    assert ckpt.list_steps(sharded) == [STEPS]
+    assert ckpt.list_steps(run_dir) == [STEPS]
+
+
+def test_a_run_saved_by_two_processes_continues_in_one_and_the_reverse(config, tmp_path, eight_devices):
+    two_then_one, one_then_two = str(tmp_path / "two_then_one"), str(tmp_path / "one_then_two")
+    run_two_processes(config, two_then_one, 4, *MESH, fault="sigterm_after_step:2")
+    assert ckpt.list_steps(two_then_one) == [2]
+    run_single(config, two_then_one, 8, *MESH)
+    run_single(config, one_then_two, 8, *MESH, fault="sigterm_after_step:3")
+    assert ckpt.list_steps(one_then_two) == [3]
+    outs = run_two_processes(config, one_then_two, 4, *MESH)
+    assert "resuming at step 3" in outs[0][0]
+    for run_dir in (two_then_one, one_then_two):
+        np.testing.assert_allclose(losses(run_dir), eight_devices[0], atol=1e-5, rtol=0)

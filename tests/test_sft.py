@@ -55,7 +55,7 @@ def test_the_mask_survives_reading_and_packing(tmp_path, phi3_tokenizer):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"messages": CONVERSATION[k:]}) for k in (0, 1, 3)) + "\n")
     docs = data.read_documents(str(path), "chat")
-    rows = data.eval_batches(docs, np.arange(len(docs)), phi3_tokenizer, seq_len=256, local_batch=1,
+    rows = data.eval_batches(docs, np.arange(len(docs)), phi3_tokenizer, seq_len=256, batch_size=1,
                              split_documents=False)
     packed = [t for b in rows for t in b["targets"][b["loss_mask"] > 0].tolist()]
     alone = [t for d in docs for t in _counted(data.Tokenize(phi3_tokenizer).map(d))]

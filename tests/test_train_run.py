@@ -48,7 +48,7 @@ def test_run_directory_holds_every_artifact(finished_run):
     with open(os.path.join(run_dir, "config.yaml")) as f:
         saved = yaml.safe_load(f)
     assert saved["steps"] == 6 and saved["model"]["hidden_size"] == 32
-    assert Phi3Config(**{k: v for k, v in saved["model"].items() if k != "preset"}).vocab_size <= 256
+    assert Phi3Config(**{k: v for k, v in saved["model"].items() if k != "preset"}).vocab_size <= 512
 
 
 def test_metrics_have_loss_lr_grad_norm_throughput_and_validation(finished_run):
@@ -119,7 +119,7 @@ def test_init_from_hf_fine_tunes_a_hugging_face_checkpoint(tmp_path, corpus):
 
     hf = tmp_path / "hf"
     make_hf_dir(hf, vocab_size=512)
-    tok = train_sentencepiece([open(os.path.join(corpus, f)).read() for f in sorted(os.listdir(corpus))], 256,
+    tok = train_sentencepiece([open(os.path.join(corpus, f)).read() for f in sorted(os.listdir(corpus))], 512,
                               str(hf / "tokenizer.model"))
     assert tok.vocab_size <= 512
     cfg = small_config(tmp_path / "ft", corpus, steps=2, init_from=f"hf:{hf}", model={"dtype": "float32"})

@@ -31,7 +31,7 @@ def small_config(run_dir: str | os.PathLike, data_path: str | None, **overrides)
     base = {
         "model": dict(SMALL_MODEL), "run_dir": str(run_dir), "steps": 12, "batch_size": 4, "seq_len": 64,
         "save_every": 4, "keep_checkpoints": 10, "seed": 0,
-        "data": {"path": data_path, "vocab_size": 256, "val_fraction": 0.0},
+        "data": {"path": data_path, "vocab_size": 512, "val_fraction": 0.0},  # 264 specials and bytes + merges
         "optim": {"learning_rate": 3e-3, "warmup_steps": 2},
         "log": {"every": 1, "eval_every": 0, "progress_bar": False, "tensorboard": False, "plot": False,
                 "baselines": False, "sample_prompt": ""},

@@ -35,11 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        train(cfg)
+        result = train(cfg)
     except TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C outside the steps (set-up, compilation, the final evaluation)
+        print("\ntrain.py: interrupted (the checkpoints already saved are kept; rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
+    return 130 if result.status == "interrupted" else 0

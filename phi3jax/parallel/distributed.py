@@ -9,12 +9,14 @@ collectives go through gloo.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +92,26 @@ def initialize_distributed(dist: DistributedConfig | Mapping[str, Any] | None = 
 def is_main_process() -> bool:
     """True on process 0: the one that logs, prints and writes side files."""
     return jax.process_index() == 0
+
+
+def gather_json(value: Any) -> list[Any]:
+    """Every process's JSON-serialisable `value`, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int64(len(data)))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: len(data)] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, sizes, strict=True)]
+
+
+def broadcast_flag(value: bool) -> bool:
+    """Process 0's `value`, on every process (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))

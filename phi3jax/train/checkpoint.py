@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -142,25 +141,13 @@ def restore_params(run_dir: str, step: int, cfg: Phi3Config, shardings: Any = No
     return restored["params"]
 
 
-class _IteratorSnapshot:
-    """The data iterator's state frozen at save time (an async save writes it later, from another thread)."""
-
-    def __init__(self, iterator: Any):
-        self._state = json.dumps(iterator.get_state(), indent=1).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
 def save_train_state(manager: ocp.CheckpointManager, step: int, params: Params, opt_state: Any,
-                     data_iter: Any, meta: dict[str, Any], force: bool = False) -> bool:
+                     data_state: dict[str, Any], meta: dict[str, Any], force: bool = False) -> bool:
     """Start saving a full training checkpoint (async if the manager is): params, optimiser state,
-    the grain iterator's position (one file per process) and `meta` (step, RNG, counters)."""
-    import grain
-
+    the global data position (`data_state`, JSON: every row stream's, the same on every process)
+    and `meta` (step, RNG, counters)."""
     args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                              data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter)),
-                              meta=ocp.args.JsonSave(meta))
+                              data_iter=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
     return manager.save(step, args=args, force=force)
 
 
@@ -168,20 +155,24 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_para
                         abstract_opt_state: Any, data_iter: Any = None) -> tuple[Params, Any, dict[str, Any]]:
     """(params, opt_state, meta) of a training checkpoint, each array read onto the devices its
     abstract value's sharding names (any mesh, whichever mesh saved it); `data_iter`, if given,
-    is moved to the saved position."""
-    import grain
-
+    is moved to the saved global data position (whichever number of processes saved it)."""
     step_dir = os.path.join(os.fspath(manager.directory), str(step))
     needed = ("opt_state",) + (("data_iter", "meta") if data_iter is not None else ())
     missing = [item for item in needed if not os.path.isdir(os.path.join(step_dir, item))]
     if missing:
         raise RunDirError(f"checkpoint step {step} in {manager.directory} has no {missing}: it is a "
                           "params-only checkpoint; start from it with init_from=ckpt:<dir> in a new run_dir")
+    if data_iter is not None and any(n.startswith("process_") for n in os.listdir(os.path.join(step_dir, "data_iter"))):
+        raise RunDirError(f"checkpoint step {step} in {manager.directory} holds a per-process data position "
+                          "written by an earlier phi3jax, which this version cannot continue; start a new run "
+                          f"from its weights with init_from=ckpt:{step_dir} and a new run_dir")
     items = dict(params=ocp.args.StandardRestore(abstract_params),
                  opt_state=ocp.args.StandardRestore(abstract_opt_state))
     if data_iter is not None:
-        items.update(data_iter=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore())
+        items.update(data_iter=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:
+        data_iter.set_state(restored["data_iter"])
     return restored["params"], restored["opt_state"], dict(restored.get("meta") or {})
 
 

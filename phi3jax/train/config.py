@@ -3,7 +3,7 @@
     python train.py --config configs/tiny.yaml steps=500 optim.learning_rate=1e-3 model.remat_policy=full
 
 Sections: `model` (a preset and/or any Phi3Config field), `data`, `optim`, `mesh`,
-`distributed`, `log`, `lora` (absent: full training), `dpo` (with `objective: dpo`); top-level
+`distributed`, `log`, `lora` (absent: full training), `dpo` (with `objective: dpo`), `resume`; top-level
 keys: `objective` (`lm` | `dpo`), `run_dir`, `steps`, `batch_size` (global), `seq_len`, `seed`,
 `save_every`, `keep_checkpoints`, `async_checkpointing`, `init_from`. The dataclass defaults *are*
 the CPU default recipe
@@ -70,6 +70,11 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResumeConfig:
+    allow_changes: bool = False  # resume even though the config or the data differ from the saved run's
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
     data: DataConfig = DataConfig()
@@ -89,6 +94,7 @@ class TrainConfig:
     lora: LoraConfig | None = None  # train low-rank adapters on the frozen init_from model (LoRA / QLoRA)
     objective: str = "lm"  # lm: next-token loss | dpo: preference optimisation (the `dpo:` section)
     dpo: DpoConfig = DpoConfig()
+    resume: ResumeConfig = ResumeConfig()
     name: str = DEFAULT_CONFIG_NAME  # the config's name (its file stem): names the default run_dir
 
     # ------------------------------------------------------------- derived

@@ -1,14 +1,19 @@
 """Data pipelines (grain): documents -> tokens -> packed rows -> per-process batches.
 
     source (text files | JSONL | ArrayRecord | chat JSONL)       documents, held out by seed
-      -> shuffle(seed) per epoch, repeat, take this process's stride
+      -> shuffle(seed) per epoch, repeat; row r of every global batch is its own stream,
+         documents r, r + B, r + 2B, ... of that order (B = the global batch size)
       -> tokenize (SentencePiece + added tokens; chat: template + assistant-only loss mask)
       -> pack into rows of seq_len with segment ids and positions (documents never attend
-         to each other; a document longer than a row continues in the next one)
-      -> batch (this process's share of the global batch)
+         to each other; a document longer than a row continues in the stream's next row)
+      -> batch: the rows this process's devices hold, stacked
 
-Every stage is a grain dataset, so the iterator's position (`get_state`) is a small JSON
-object that the checkpoint stores and a restart restores exactly.
+So the global batch at step k depends on (data, seed, k, global batch size, seq_len) only, not
+on the number of processes or devices: a run continues on a larger or smaller slice with the same
+data order. Each process tokenizes and packs only its own rows. Every stage is a grain dataset;
+the iterator's position is one small JSON object per row (`RowStreams.get_state`), and the
+checkpoint stores all rows' positions together (the global state), so a run saved by N processes
+resumes in M.
 
 A row is the batch format of `phi3jax.train.step`: `inputs`, `targets`, `loss_mask`,
 `segment_ids` (1, 2, ... per document fragment; 0 = padding) and `positions` (restarting at 0
@@ -20,9 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -40,14 +46,26 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- sources
+# The built-in corpus: CPython 3.12.1's language reference topics (pydoc_data.topics, Python Software
+# Foundation licence), shipped as a snapshot so that every Python version trains on the same text.
+DEFAULT_CORPUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pydoc_topics.json.gz")
+DEFAULT_CORPUS_SHA256 = "a147dd399ca75e11a45344a96a0880279f4908ebfb529f7bcf9c591c8f147555"  # of the JSON
+
+
 def default_corpus(chunk_chars: int = 2000) -> list[str]:
-    """The Python language reference that ships with CPython (pydoc_data.topics, ~80 topics).
+    """The built-in corpus: the Python language reference (79 topics of CPython 3.12.1's pydoc_data).
 
     Topics are cut at paragraph boundaries into documents of about `chunk_chars` characters, so a
     shuffled batch mixes many topics instead of holding a few long ones (0 keeps whole topics).
     """
-    from pydoc_data.topics import topics
+    import gzip
 
+    with open(DEFAULT_CORPUS_FILE, "rb") as f:
+        raw = gzip.decompress(f.read())
+    if hashlib.sha256(raw).hexdigest() != DEFAULT_CORPUS_SHA256:
+        raise DataError(f"the built-in corpus {DEFAULT_CORPUS_FILE} is damaged (its SHA-256 is not "
+                        f"{DEFAULT_CORPUS_SHA256}); reinstall phi3jax")
+    topics = json.loads(raw)
     docs = []
     for name in sorted(topics):
         if not chunk_chars:
@@ -62,6 +80,12 @@ def default_corpus(chunk_chars: int = 2000) -> list[str]:
         if current.strip():
             docs.append(current)
     return docs
+
+
+def default_corpus_identity() -> dict[str, Any]:
+    """The built-in corpus as a data source in a run's data identity (`phi3jax.train.rundir`)."""
+    return {"path": "built-in: " + os.path.basename(DEFAULT_CORPUS_FILE), "bytes": os.path.getsize(DEFAULT_CORPUS_FILE),
+            "sha256": DEFAULT_CORPUS_SHA256}
 
 
 def resolve_paths(path: str) -> list[str]:
@@ -211,15 +235,22 @@ def split_train_val(docs: Sequence[Any], val_fraction: float, seed: int) -> tupl
 
 # ----------------------------------------------------------------------------- tokenization
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer:
-    """A SentencePiece (unigram) model trained on `texts`, with the Phi-3 chat tokens as user-defined pieces.
+    """A SentencePiece BPE model with byte fallback, as Phi-3's own, trained on `texts`, with the Phi-3
+    chat tokens as user-defined pieces (unk 0, bos 1, eos 2, then the chat tokens and the 256 bytes).
 
-    The vocabulary may come out smaller than `vocab_size` on a small corpus; the model's vocab follows it.
+    BPE, no normalisation, whitespace kept and a dummy-prefix space: what llama.cpp reproduces from a
+    GGUF file, so an exported model tokenises there as here. On a small corpus the vocabulary may
+    come out smaller than `vocab_size` (a warning says so); the model's vocab follows it. Raises
+    ValueError when `vocab_size` cannot hold the fixed pieces (specials, bytes, the text's characters).
     """
+    import re
+    import sys
+
     import sentencepiece as spm
 
     def lines() -> Iterator[str]:
-        # Paragraphs, not lines, so newlines become pieces (no byte fallback in a 2k vocabulary);
-        # SentencePiece skips sentences over 4192 bytes, hence the 2000-character slices.
+        # Paragraphs, not lines, so newlines become pieces rather than <0x0A> bytes; SentencePiece
+        # skips sentences over 4192 bytes, hence the 2000-character slices.
         for text in texts:
             for paragraph in text.split("\n\n"):
                 for start in range(0, len(paragraph), 2000):
@@ -228,17 +259,31 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str) ->
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     prefix = out_path[: -len(".model")] if out_path.endswith(".model") else out_path
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size, model_type="unigram",
-        character_coverage=1.0, user_defined_symbols=list(CHAT_TOKENS), unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2,
-        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=0.9995, user_defined_symbols=list(CHAT_TOKENS), unk_id=0,
+            bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+            split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+            add_dummy_prefix=True, normalization_rule_name="identity")
+    except RuntimeError as e:
+        fixed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if fixed is None:
+            raise
+        raise ValueError(f"data.vocab_size={vocab_size} is too small for a tokenizer of this text: {fixed[1]} "
+                         f"tokens are fixed before any merge (unk, bos, eos, {len(CHAT_TOKENS)} chat tokens, 256 "
+                         f"bytes and the text's common characters); set data.vocab_size to {fixed[1]} or more"
+                         ) from None
     if os.path.exists(prefix + ".vocab"):
         os.remove(prefix + ".vocab")
     if prefix + ".model" != out_path:
         os.replace(prefix + ".model", out_path)
-    return Tokenizer(out_path)
+    tokenizer = Tokenizer(out_path)
+    if tokenizer.sp.get_piece_size() < vocab_size:
+        print(f"warning: the tokenizer has {tokenizer.sp.get_piece_size()} tokens, not the {vocab_size} asked "
+              "(data.vocab_size): the training text is too small for more pieces; give more data or a smaller "
+              "data.vocab_size", file=sys.stderr, flush=True)
+    return tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,54 +402,107 @@ def _read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 
 
-def train_batches(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer, *, seq_len: int,
-                  local_batch: int, seed: int, shuffle: bool = True, split_documents: bool = True,
-                  add_bos: bool = True, add_eos: bool = True, process_index: int = 0, process_count: int = 1
-                  ) -> grain.IterDataset:
-    """The endless training stream of this process: batches {key: [local_batch, seq_len]}.
+class _RowStreamsIterator:
+    """Stacks one row from each stream; its state is {"rows": {row: that stream's state}}."""
 
-    Each epoch is shuffled differently (seed, epoch); every process takes its stride of the same
-    global document order, so processes see disjoint documents.
+    def __init__(self, streams: dict[int, Any]):
+        self._streams = streams
+
+    def __iter__(self) -> _RowStreamsIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(stream) for stream in self._streams.values()]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"rows": {str(r): stream.get_state() for r, stream in self._streams.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("rows", {})
+        missing = [r for r in self._streams if str(r) not in saved]
+        if missing:
+            raise DataError(f"the checkpointed data position holds rows {sorted(map(int, saved))} but this run "
+                            f"reads rows {missing} too: was the global batch size changed? Resume with the "
+                            "batch_size the run was saved with")
+        for r, stream in self._streams.items():
+            stream.set_state(saved[str(r)])
+
+
+class RowStreams:
+    """The global batch as `batch_size` independent row streams, of which this process builds `rows`.
+
+    make_stream(r) is row r's endless stream of packed rows (a grain IterDataset). Iterating
+    yields {key: [len(rows), seq_len]} batches.
     """
-    if len(indices) == 0:
-        raise DataError("the training split holds no documents")
+
+    def __init__(self, make_stream: Callable[[int], grain.IterDataset], batch_size: int,
+                 rows: Sequence[int] | None = None):
+        self.batch_size = batch_size
+        self.rows = list(range(batch_size)) if rows is None else [int(r) for r in rows]
+        self._make_stream = make_stream
+
+    def __iter__(self) -> _RowStreamsIterator:
+        return _RowStreamsIterator({r: iter(self._make_stream(r)) for r in self.rows})
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The global data position: the row states of every process's iterator in one object."""
+    rows: dict[str, Any] = {}
+    for state in states:
+        rows.update(state["rows"])
+    return {"rows": dict(sorted(rows.items(), key=lambda kv: int(kv[0])))}
+
+
+def stream_order(indices: np.ndarray, seed: int, shuffle: bool, row: int, batch_size: int) -> grain.MapDataset:
+    """Row `row`'s share of the endless, per-epoch shuffled order of `indices`."""
     ds = grain.MapDataset.source(np.asarray(indices, np.int64))
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.map(lambda i: docs[int(i)]).map(Tokenize(tokenizer, add_bos, add_eos))
-    it = ds.to_iter_dataset(_read_options()).filter(_nonempty)
-    return PackIterDataset(it, seq_len, split_documents).batch(local_batch, drop_remainder=True)
+    return ds.repeat(None)[row::batch_size]
+
+
+def train_batches(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer, *, seq_len: int,
+                  batch_size: int, seed: int, rows: Sequence[int] | None = None, shuffle: bool = True,
+                  split_documents: bool = True, add_bos: bool = True, add_eos: bool = True) -> RowStreams:
+    """The endless training stream: batches {key: [len(rows), seq_len]} of the global batch's `rows`
+    (default all `batch_size`), the same whichever process builds them (see the module docstring)."""
+    if len(indices) == 0:
+        raise DataError("the training split holds no documents")
+    tokenize = Tokenize(tokenizer, add_bos, add_eos)
+
+    def stream(row: int) -> grain.IterDataset:
+        ds = stream_order(indices, seed, shuffle, row, batch_size).map(lambda i: docs[int(i)]).map(tokenize)
+        return PackIterDataset(ds.to_iter_dataset(_read_options()).filter(_nonempty), seq_len, split_documents)
+
+    return RowStreams(stream, batch_size, rows)
 
 
 def eval_batches(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer, *, seq_len: int,
-                 local_batch: int, split_documents: bool = True, add_bos: bool = True, add_eos: bool = True,
-                 process_index: int = 0, process_count: int = 1, max_batches: int = 0
-                 ) -> list[dict[str, np.ndarray]]:
-    """The validation split packed once, padded to whole batches, this process's rows of each batch.
+                 batch_size: int, rows: Sequence[int] | None = None, split_documents: bool = True,
+                 add_bos: bool = True, add_eos: bool = True, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+    """The validation split packed once, padded to whole global batches, the `rows` of each (default all).
 
     Every process packs all of it (validation sets are small) so all run the same number of batches.
     """
     if len(indices) == 0:
         return []
     ds = _documents(docs, indices).map(Tokenize(tokenizer, add_bos, add_eos)).to_iter_dataset(_read_options())
-    rows = list(PackIterDataset(ds.filter(_nonempty), seq_len, split_documents))
+    packed = list(PackIterDataset(ds.filter(_nonempty), seq_len, split_documents))
     pad = {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
-    return rows_to_batches(rows, pad, local_batch, process_index, process_count, max_batches)
+    return rows_to_batches(packed, pad, batch_size, rows, max_batches)
 
 
-def rows_to_batches(rows: list[dict[str, np.ndarray]], pad: dict[str, np.ndarray], local_batch: int,
-                    process_index: int = 0, process_count: int = 1, max_batches: int = 0
-                    ) -> list[dict[str, np.ndarray]]:
-    """Packed rows in global batches of local_batch x process_count (the last padded with `pad`, at
-    most `max_batches` if set), each reduced to this process's rows."""
-    per_batch = local_batch * process_count
-    n_batches = -(-len(rows) // per_batch)
+def rows_to_batches(packed: list[dict[str, np.ndarray]], pad: dict[str, np.ndarray], batch_size: int,
+                    rows: Sequence[int] | None = None, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+    """Packed rows in global batches of `batch_size` (the last padded with `pad`, at most `max_batches`
+    if set), each reduced to the global `rows` this process holds (default all)."""
+    n_batches = -(-len(packed) // batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    rows = (rows + [pad] * (n_batches * per_batch - len(rows)))[: n_batches * per_batch]
-    return [{k: np.stack([r[k] for r in rows[b * per_batch: (b + 1) * per_batch][process_index::process_count]])
-             for k in pad} for b in range(n_batches)]
+    packed = (packed + [pad] * (n_batches * batch_size - len(packed)))[: n_batches * batch_size]
+    rows = range(batch_size) if rows is None else rows
+    return [{k: np.stack([packed[b * batch_size + int(r)][k] for r in rows]) for k in pad} for b in range(n_batches)]
 
 
 def document_pairs(docs: Sequence[Any], indices: np.ndarray, tokenizer: Tokenizer, add_bos: bool = True,

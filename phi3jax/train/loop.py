@@ -4,7 +4,9 @@
 
 A run directory that already holds checkpoints is resumed: parameters, optimiser state, step,
 RNG and the data iterator's position are restored, so the resumed run logs the same losses, bit
-for bit, as one that never stopped. SIGTERM (a TPU preemption notice) saves and exits cleanly.
+for bit, as one that never stopped, on any number of processes (the data order is global).
+SIGTERM (a TPU preemption notice) and Ctrl-C save and exit cleanly. One training owns a run
+directory at a time, and a resume that would change the run is refused (`phi3jax.train.rundir`).
 
 Scale-out: the mesh comes from the `mesh:` section (`phi3jax.parallel`; docs/scaling.md). The
 state is created, loaded or restored directly in its sharded layout, every step and evaluation
@@ -22,7 +24,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +41,7 @@ from phi3jax.config import RUNTIME_FIELDS, LoraConfig, Phi3Config
 from phi3jax.inference.generate import generate, stop_tokens
 from phi3jax.model import abstract_params, param_shardings
 from phi3jax.tokenizer import Tokenizer
-from phi3jax.train import baselines, preference
+from phi3jax.train import baselines, preference, rundir
 from phi3jax.train import checkpoint as ckpt
 from phi3jax.train import data as data_lib
 from phi3jax.train import dpo as dpo_lib
@@ -55,7 +59,7 @@ class TrainingDiverged(RuntimeError):
 class TrainResult:
     run_dir: str
     step: int
-    status: str  # "completed" | "preempted"
+    status: str  # "completed" | "preempted" (SIGTERM) | "interrupted" (Ctrl-C)
     val_loss: float | None = None
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
     sample: str | None = None
@@ -86,6 +90,7 @@ class Run:
     logger: metrics_lib.MetricsLogger
     frozen: Any = None  # LoRA: the frozen base the adapters (state.params) modify
     ref_tables: dict[str, np.ndarray] | None = None  # DPO, precomputed reference: {split: [records, 2]}
+    lock: rundir.RunLock | None = None  # process 0's hold on the run directory
 
     @property
     def primary(self) -> bool:
@@ -114,7 +119,8 @@ class Run:
 
     def save(self, step: int, force: bool = False) -> None:
         key_data = np.asarray(jax.random.key_data(self.rng)).tolist()
-        ckpt.save_train_state(self.manager, step, self.state.params, self.state.opt_state, self.data_iter,
+        data_state = data_lib.merge_states(parallel.gather_json(self.data_iter.get_state()))  # every row's
+        ckpt.save_train_state(self.manager, step, self.state.params, self.state.opt_state, data_state,
                               {"step": step, "rng": key_data, "tokens_seen": self.tokens_seen,
                                "process_count": jax.process_count()}, force=force)
 
@@ -235,8 +241,9 @@ def _resolve_model(cfg: TrainConfig, run_dir: str, resuming: bool, train_texts: 
     return model_cfg, tokenizer, None
 
 
-def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config) -> dict[str, Any]:
+def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config, run_dir: str | None = None) -> dict[str, Any]:
     out = cfg.to_dict()
+    out["run_dir"] = run_dir or os.path.abspath(cfg.resolved_run_dir)
     preset, _ = model_section(cfg)
     out["model"] = {"preset": preset, **ckpt.model_fields(model_cfg)}
     if cfg.init_from:  # absolute, so a LoRA run finds its base from anywhere
@@ -250,13 +257,49 @@ def resolved_config(cfg: TrainConfig, model_cfg: Phi3Config) -> dict[str, Any]:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Data, tokenizer, model and train state of a new or resumed run, placed on its mesh."""
+    """Data, tokenizer, model and train state of a new or resumed run, placed on its mesh, with the run
+    directory locked (`rundir`; `Run.release` frees it). A run directory this call created is removed
+    again if the set-up fails."""
     parallel.initialize_distributed(cfg.distributed)
     process_index, process_count = jax.process_index(), jax.process_count()
     if cfg.batch_size % process_count:
         raise TrainConfigError(f"batch_size={cfg.batch_size} must be divisible by the {process_count} processes")
     run_dir = os.path.abspath(cfg.resolved_run_dir)
+    created = not os.path.exists(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    lock, busy = None, None
+    if process_index == 0:
+        try:
+            lock = rundir.RunLock.acquire(run_dir)
+        except rundir.RunDirBusy as e:
+            busy = e
+    if not parallel.broadcast_flag(busy is None):  # one lock per run, honoured by every process
+        raise busy or rundir.RunDirBusy(f"run_dir {run_dir} is in use by another training (see process 0)")
+    try:
+        run = _setup(cfg, run_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created and process_index == 0 and not ckpt.list_steps(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    run.lock = lock
+    return run
+
+
+def _data_identity(cfg: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray) -> dict[str, Any]:
+    d = cfg.data
+    sources: dict[str, list[dict[str, Any]]] = {}
+    for name, path in (("train", d.path), ("val", d.val_path)):
+        if path is not None:
+            sources[name] = [rundir.file_identity(f) for f in data_lib.resolve_paths(path)]
+        elif name == "train":
+            sources[name] = [data_lib.default_corpus_identity()]
+    return rundir.data_identity(sources, train_idx, val_idx)
+
+
+def _setup(cfg: TrainConfig, run_dir: str) -> Run:
+    process_index = jax.process_index()
     steps = ckpt.list_steps(run_dir)
     resuming = bool(steps)
     if resuming and not os.path.isdir(os.path.join(run_dir, ckpt.CHECKPOINTS, str(steps[-1]), "opt_state")):
@@ -275,6 +318,13 @@ def setup(cfg: TrainConfig) -> Run:
         sized = [json.dumps(r) for _, r in docs] if dpo else docs  # records are held out by their size
         train_idx, val_idx = data_lib.split_train_val(sized, d.val_fraction, cfg.data_seed)
         val_docs = docs
+    identity = _data_identity(cfg, train_idx, val_idx)
+    if resuming:  # a resume continues the saved run: anything that changes the run needs resume.allow_changes
+        saved_model = _check_model_overrides(cfg, ckpt.model_config(run_dir), f"the run being resumed ({run_dir})")
+        saved_data = rundir.read_data_identity(run_dir)
+        changes = rundir.config_changes(ckpt.read_run_config(run_dir), resolved_config(cfg, saved_model, run_dir))
+        changes += rundir.data_changes(saved_data, identity) if saved_data is not None else []
+        rundir.check_resume(run_dir, changes, cfg.resume.allow_changes)
     mesh = _mesh_for(cfg)
     lora, frozen, adapters = cfg.lora, None, None
     if lora is not None:
@@ -290,13 +340,14 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
                                f"{model_cfg.max_position_embeddings}; lower seq_len")
     if process_index == 0:
-        ckpt.write_yaml(os.path.join(run_dir, ckpt.CONFIG_FILE), resolved_config(cfg, model_cfg))
+        ckpt.write_yaml(os.path.join(run_dir, ckpt.CONFIG_FILE), resolved_config(cfg, model_cfg, run_dir))
+        rundir.write_data_identity(run_dir, identity)
 
+    rows = parallel.process_batch_rows(mesh, cfg.batch_size)  # this process's rows of every global batch
     if dpo is None:
         split_documents = d.split_documents if d.split_documents is not None else d.format != "chat"
-        common = dict(seq_len=cfg.seq_len, local_batch=cfg.batch_size // process_count,
-                      split_documents=split_documents, add_bos=d.add_bos, add_eos=d.add_eos,
-                      process_index=process_index, process_count=process_count)
+        common = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, rows=rows, split_documents=split_documents,
+                      add_bos=d.add_bos, add_eos=d.add_eos)
         data_iter = iter(data_lib.train_batches(docs, train_idx, tokenizer, seed=cfg.data_seed, shuffle=d.shuffle,
                                                 **common))
         val_batches = data_lib.eval_batches(val_docs, val_idx, tokenizer, max_batches=cfg.log.eval_batches,
@@ -304,8 +355,7 @@ def setup(cfg: TrainConfig) -> Run:
     else:
         train_pairs, val_pairs = (_tokenize_pairs(cfg, [records[int(i)] for i in idx], tokenizer)
                                   for records, idx in ((docs, train_idx), (val_docs, val_idx)))
-        common = dict(seq_len=cfg.seq_len, local_batch=cfg.batch_size // process_count,
-                      process_index=process_index, process_count=process_count)
+        common = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, rows=rows)
         data_iter = iter(preference.train_batches(train_pairs.pairs, seed=cfg.data_seed, shuffle=d.shuffle,
                                                   **common))
         val_batches = preference.eval_batches(val_pairs.pairs, **common)
@@ -401,8 +451,8 @@ def _reference(cfg: TrainConfig, model_cfg: Phi3Config, mesh: Any, run_dir: str,
     tables = {}
     for split, data in splits.items():
         table = np.zeros((len(data.pairs) and max(p.index for p in data.pairs) + 1, 2), np.float64)
-        for batch in preference.eval_batches(data.pairs, seq_len=cfg.seq_len, local_batch=cfg.batch_size):
-            local = {k: v[jax.process_index()::jax.process_count()] for k, v in batch.items()}
+        for batch in preference.eval_batches(data.pairs, seq_len=cfg.seq_len, batch_size=cfg.batch_size):
+            local = {k: v[parallel.process_batch_rows(mesh, cfg.batch_size)] for k, v in batch.items()}
             logps, _ = logps_step(weights, parallel.put_batch(preference.with_reference(local, None), mesh,
                                                               cfg.batch_size), frozen)
             preference.record_logps(np.asarray(logps), batch, len(table), out=table)
@@ -416,25 +466,39 @@ def _reference(cfg: TrainConfig, model_cfg: Phi3Config, mesh: Any, run_dir: str,
 
 # ----------------------------------------------------------------------------- the steps
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits at the end of the current step."""
+    """SIGTERM (a preemption notice) or Ctrl-C (SIGINT) sets a flag; the loop saves and stops at the end of
+    the current step. A second Ctrl-C exits at once, without saving."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signal: str | None = None  # "SIGTERM" or "SIGINT" once one arrived
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self) -> _Preemption:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                break
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            print("\nsecond Ctrl-C: exiting now, without saving", file=sys.stderr, flush=True)
+            os._exit(130)
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving at the end of this step (Ctrl-C again to exit without saving)", file=sys.stderr,
+                  flush=True)
+        self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _announce(run: Run) -> None:
@@ -461,7 +525,8 @@ def _announce(run: Run) -> None:
 
 
 def run_steps(run: Run, on_step: Callable[[int, Run], Any] | None = None) -> str:
-    """Train from run.start_step to cfg.steps; "completed", or "preempted" after a SIGTERM save.
+    """Train from run.start_step to cfg.steps; "completed", or "preempted" / "interrupted" after the save
+    that a SIGTERM / Ctrl-C asked for.
 
     on_step(step, run) is called after each step's logging, evaluation and checkpoint (a save may
     still be in flight): a hook for callers that watch a run.
@@ -514,8 +579,9 @@ def run_steps(run: Run, on_step: Callable[[int, Run], Any] | None = None) -> str
                 if step != last_saved:
                     run.save(step, force=True)
                 run.manager.wait_until_finished()
-                logger.print(f"SIGTERM: saved step {step} to {run.run_dir}; exiting (rerun the same command to resume)")
-                return "preempted"
+                name = "Ctrl-C" if preemption.signal == "SIGINT" else preemption.signal
+                logger.print(f"{name}: saved step {step} to {run.run_dir}; exiting (rerun the same command to resume)")
+                return "interrupted" if preemption.signal == "SIGINT" else "preempted"
     run.manager.wait_until_finished()
     return "completed"
 
@@ -567,12 +633,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, Run], Any] | None = None) ->
     start = time.perf_counter()
     run = setup(cfg)
     try:
-        _announce(run)
-        status = run_steps(run, on_step)
+        try:
+            _announce(run)
+            status = run_steps(run, on_step)
+        finally:
+            run.manager.close()
+            run.logger.close()
+        return _finish(run, status, start)
     finally:
-        run.manager.close()
-        run.logger.close()
-    return _finish(run, status, start)
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _baselines(cfg: TrainConfig, docs: Any, train_idx: np.ndarray, val_batches: list[dict[str, np.ndarray]],

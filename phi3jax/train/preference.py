@@ -36,7 +36,7 @@ import numpy as np
 
 from phi3jax.tokenizer import Tokenizer
 from phi3jax.train.batch import BATCH_KEYS
-from phi3jax.train.data import DataError, check_messages, resolve_paths, rows_to_batches
+from phi3jax.train.data import DataError, RowStreams, check_messages, resolve_paths, rows_to_batches, stream_order
 
 REF_KEY, INDEX_KEY = "ref_logps", "pair_index"
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -268,27 +268,31 @@ class PairPackIterDataset(grain.IterDataset):
         return f"PairPackIterDataset(seq_len={self._seq_len})"
 
 
-def train_batches(pairs: Sequence[Pair], *, seq_len: int, local_batch: int, seed: int, shuffle: bool = True,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The endless stream of this process's batches of packed pairs (each epoch shuffled by (seed, epoch))."""
+def train_batches(pairs: Sequence[Pair], *, seq_len: int, batch_size: int, seed: int,
+                  rows: Sequence[int] | None = None, shuffle: bool = True) -> RowStreams:
+    """The endless stream of batches of packed pairs, the global batch's `rows` of each (default all):
+    row r packs pairs r, r + B, ... of each epoch's order (shuffled by (seed, epoch)), as
+    `phi3jax.train.data.train_batches` does with documents."""
     if not pairs:
         raise DataError("the training split holds no preference pairs")
-    ds = grain.MapDataset.source(list(pairs))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)[process_index::process_count]
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
-    return PairPackIterDataset(it, seq_len).batch(local_batch, drop_remainder=True)
+    pairs = list(pairs)
+
+    def stream(row: int) -> grain.IterDataset:
+        order = stream_order(np.arange(len(pairs)), seed, shuffle, row, batch_size).map(lambda i: pairs[int(i)])
+        return PairPackIterDataset(order.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)),
+                                   seq_len)
+
+    return RowStreams(stream, batch_size, rows)
 
 
-def eval_batches(pairs: Sequence[Pair], *, seq_len: int, local_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """Every pair once, in order, packed and padded to whole batches; this process's rows of each."""
+def eval_batches(pairs: Sequence[Pair], *, seq_len: int, batch_size: int, rows: Sequence[int] | None = None
+                 ) -> list[dict[str, np.ndarray]]:
+    """Every pair once, in order, packed and padded to whole global batches; the `rows` of each."""
     if not pairs:
         return []
     source = grain.MapDataset.source(list(pairs)).to_iter_dataset()
-    rows = list(PairPackIterDataset(source, seq_len))
-    return rows_to_batches(rows, _empty_row(seq_len), local_batch, process_index, process_count)
+    packed = list(PairPackIterDataset(source, seq_len))
+    return rows_to_batches(packed, _empty_row(seq_len), batch_size, rows)
 
 
 def with_reference(batch: dict[str, np.ndarray], table: np.ndarray | None) -> dict[str, np.ndarray]:

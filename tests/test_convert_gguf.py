@@ -94,7 +94,10 @@ def test_header_matches_llama_cpps_own_phi3_vocab_file(phi3_vocab, tmp_path):
 
     ref_keys = {k for k in ref.fields if not k.startswith("GGUF.")}  # GGUF.* are the file's own counts
     assert ref_keys <= set(ours.fields)  # every key of the reference is written
-    assert set(ours.fields) - set(ref.fields) == {"phi3.attention.sliding_window"}  # newer than the reference
+    # Newer than the reference: the sliding window, and add_space_prefix (llama.cpp's default for a
+    # "llama" vocabulary, true, written out from the SentencePiece model's add_dummy_prefix).
+    assert set(ours.fields) - set(ref.fields) == {"phi3.attention.sliding_window", "tokenizer.ggml.add_space_prefix"}
+    assert ours.fields["tokenizer.ggml.add_space_prefix"].contents() is True
     for key in sorted(ref_keys - {"general.name", "tokenizer.ggml.token_type"}):
         assert ours.fields[key].types == ref.fields[key].types, key
         assert ours.fields[key].contents() == ref.fields[key].contents(), key

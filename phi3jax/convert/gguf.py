@@ -8,7 +8,9 @@ What llama.cpp's Phi-3 loader expects (checked against its own Phi-3 converter a
   `rope_factors_long` / `rope_factors_short` and `rope.scaling.attn_factor`.
 * a SentencePiece ("llama") vocabulary padded to the model's vocab_size: pieces with their scores
   and types, added tokens as control tokens (user-defined when not special), unused ids as
-  `[PAD<id>]`, plus the special ids and the chat template.
+  `[PAD<id>]`, plus the special ids, the dummy-prefix flag and the chat template. Only a model
+  llama.cpp tokenises as phi3jax is written (BPE, byte fallback, no normalisation:
+  `check_llama_cpp_vocab`), under a name llama.cpp can load it with (`gguf_name`).
 * q8_0 / q4_0 quantise blocks of 32 along each row (the `in` axis), with llama.cpp's own
   reference quantiser in the `gguf` package. Embedding and output are quantised like the rest.
 
@@ -19,6 +21,7 @@ opened; tensors are then streamed from the source one at a time and quantised in
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +39,11 @@ from phi3jax.tokenizer import Tokenizer
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "phi3"
 _ROW_CHUNK_ELEMENTS = 1 << 22  # quantise 4M values (16 MB of float32) at a time
+# When general.name contains "phi3" or "phi-3", llama.cpp gives every special token the rstrip flag,
+# then sets these four's by looking them up by name: a vocabulary without one of them fails to load
+# ("error loading model vocabulary: unordered_map::at").
+LLAMA_CPP_PHI3_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+_PHI3_IN_NAME = re.compile(r"phi-?3", re.IGNORECASE)
 
 
 class GGUFExportError(ValueError):
@@ -119,15 +127,53 @@ def load_sentencepiece_tokenizer(directory: str) -> Tokenizer:
     raise GGUFExportError(f"{directory} has no tokenizer.model; a GGUF file needs the model's vocabulary")
 
 
-def vocab_arrays(tok: Tokenizer, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
-    """(tokens, scores, token types) for the GGUF header, padded to vocab_size as llama.cpp's
-    converter pads Phi-3 (`[PAD<id>]`, score -10000, UNUSED)."""
-    from gguf import TokenType
+def sentencepiece_proto(tok: Tokenizer) -> Any:
+    """The SentencePiece ModelProto of `tok`'s model file (pieces, trainer and normalizer specs)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
 
     proto = sp_model_pb2.ModelProto()
     with open(tok.sp_model_path, "rb") as f:
         proto.ParseFromString(f.read())
+    return proto
+
+
+def check_llama_cpp_vocab(tok: Tokenizer) -> None:
+    """Refuse a SentencePiece model that llama.cpp would tokenise differently from phi3jax.
+
+    llama.cpp's "llama" vocabulary is SentencePiece BPE: it merges the best-scoring pair of symbols
+    until none forms a piece, spells leftover characters as byte pieces, escapes spaces to `▁`, adds
+    the dummy-prefix space, and normalises nothing. So the model must be BPE with byte fallback,
+    identity normalisation, and whitespace kept as it is (a run's tokenizer from train.py is).
+    """
+    proto = sentencepiece_proto(tok)
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    where = f"{tok.sp_model_path} (SentencePiece)"
+    retrain = ("export a model whose tokenizer is SentencePiece BPE with byte fallback and no normalisation: "
+               "train.py trains one for a new run (a run from an older phi3jax has a unigram one: train it "
+               "again), or give train.py such a model as data.tokenizer")
+    if spec.model_type != spec.BPE:
+        raise GGUFExportError(
+            f"{where} is a {spec.ModelType.Name(spec.model_type)} model, but llama.cpp tokenises a GGUF vocabulary "
+            f"with SentencePiece's BPE rule, so it would split text into other tokens than phi3jax; {retrain}")
+    if not spec.byte_fallback:
+        raise GGUFExportError(
+            f"{where} has no byte fallback: phi3jax encodes a character outside the vocabulary as <unk>, llama.cpp "
+            f"as byte pieces (<0x00>..<0xFF>), which this vocabulary lacks, so it aborts; {retrain}")
+    if norm.precompiled_charsmap or norm.remove_extra_whitespaces or spec.treat_whitespace_as_suffix:
+        what = (f"normalises text (rule {norm.name!r})" if norm.precompiled_charsmap else
+                "removes extra whitespace" if norm.remove_extra_whitespaces else "treats whitespace as a suffix")
+        raise GGUFExportError(f"{where} {what}, which llama.cpp does not do, so it would tokenise such text "
+                              f"differently; {retrain}")
+
+
+def vocab_arrays(tok: Tokenizer, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """(tokens, scores, token types) for the GGUF header, padded to vocab_size as llama.cpp's
+    converter pads Phi-3 (`[PAD<id>]`, score -10000, UNUSED). Refuses a vocabulary llama.cpp cannot
+    reproduce (`check_llama_cpp_vocab`)."""
+    from gguf import TokenType
+
+    check_llama_cpp_vocab(tok)
+    proto = sentencepiece_proto(tok)
     if tok.vocab_size > vocab_size:
         raise GGUFExportError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                               f"{vocab_size}; the embedding has no row for the extra ids")
@@ -143,6 +189,28 @@ def vocab_arrays(tok: Tokenizer, vocab_size: int) -> tuple[list[bytes], list[flo
         tokens[t.id], scores[t.id] = t.content.encode("utf-8"), -1000.0
         types[t.id] = int(TokenType.CONTROL if t.special else TokenType.USER_DEFINED)
     return tokens, scores, types
+
+
+def gguf_name(tok: Tokenizer, name: str) -> str:
+    """general.name for a model called `name`, chosen for how llama.cpp reads it.
+
+    A vocabulary with all of `LLAMA_CPP_PHI3_TOKENS`: `name`, prefixed "Phi3 " unless it says phi3
+    or phi-3, so that llama.cpp strips the whitespace after the chat tokens as phi3jax does. One
+    without them: `name` with phi3 / phi-3 spelled "Phi 3", so that the file loads; refused when
+    phi3jax's tokenizer has tokens that strip whitespace, which llama.cpp then would not.
+    """
+    present = {p.piece for p in sentencepiece_proto(tok).pieces} | {t.content for t in tok.added}
+    missing = [t for t in LLAMA_CPP_PHI3_TOKENS if t not in present]
+    if not missing:
+        return name if _PHI3_IN_NAME.search(name) else f"Phi3 {name}"
+    stripping = [t.content for t in tok.added if t.rstrip or t.lstrip]
+    if stripping:
+        raise GGUFExportError(
+            f"the vocabulary has no {' '.join(missing)}, which llama.cpp looks up by name in a model named Phi-3 "
+            "(such a file fails to load), and in a model not named Phi-3 llama.cpp does not strip the whitespace "
+            f"after {' '.join(stripping)} as phi3jax does; add {' '.join(missing)} to the tokenizer (train.py's "
+            "tokenizer has them)")
+    return _PHI3_IN_NAME.sub("Phi 3", name)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -173,6 +241,7 @@ def add_metadata(writer: Any, cfg: Phi3Config, tok: Tokenizer, quant: str, name:
     tokens, scores, types = vocab_arrays(tok, cfg.vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    writer.add_add_space_prefix(bool(sentencepiece_proto(tok).normalizer_spec.add_dummy_prefix))
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -190,14 +259,16 @@ def write_gguf(source: ParamSource, tok: Tokenizer, out: str | os.PathLike, quan
     """Write `source` as a GGUF file llama.cpp runs; returns its path.
 
     Validated (tokenizer, quant block sizes, output path) before anything is written; written to a
-    temporary file beside `out` and renamed into place when complete.
+    temporary file beside `out` and renamed into place when complete. name: the model's name, made
+    into general.name by `gguf_name` (default "model").
     """
     import gguf
 
     cfg = source.cfg
     out = os.path.abspath(os.fspath(out))
     plan = tensor_plan(cfg, quant)
-    vocab_arrays(tok, cfg.vocab_size)  # validates the vocabulary against the model
+    vocab_arrays(tok, cfg.vocab_size)  # validates the vocabulary against the model and llama.cpp
+    name = gguf_name(tok, name or "model")
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} already exists; choose another output or pass --force")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -205,7 +276,7 @@ def write_gguf(source: ParamSource, tok: Tokenizer, out: str | os.PathLike, quan
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        add_metadata(writer, cfg, tok, quant, name or "Phi3")
+        add_metadata(writer, cfg, tok, quant, name)
         for gname, _, shape, ttype in plan:
             if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 writer.add_tensor_info(gname, shape, np.dtype(np.float32 if ttype == gguf.GGMLQuantizationType.F32
@@ -264,8 +335,9 @@ def to_gguf(out: str | os.PathLike, ckpt: str | os.PathLike | None = None, hf_di
             quant: str = "f16", force: bool = False, progress: bool = False, name: str | None = None) -> str:
     """A GGUF file from a run/step directory (`ckpt`) or a Hugging Face directory (`hf_dir`).
 
-    name: general.name (default: "Phi3 <directory name>"). llama.cpp gives Phi-3's chat tokens their
-    rstrip behaviour only when this name contains "phi3" or "phi-3", so a name without it is prefixed.
+    name: the model's name (default: the directory's name), written as `gguf_name` makes it: llama.cpp
+    gives Phi-3's chat tokens their rstrip behaviour only when general.name contains "phi3" or
+    "phi-3", so it becomes "Phi3 <name>" where the vocabulary allows it.
     """
     if (ckpt is None) == (hf_dir is None):
         raise ValueError("pass exactly one of ckpt (a run or step directory) or hf_dir")
@@ -281,8 +353,6 @@ def to_gguf(out: str | os.PathLike, ckpt: str | os.PathLike | None = None, hf_di
         tokenizer_dir = source.run_dir
     tok = load_sentencepiece_tokenizer(tokenizer_dir)
     name = name or os.path.basename(os.path.normpath(tokenizer_dir))
-    if not any(key in name.lower() for key in ("phi3", "phi-3")):
-        name = f"Phi3 {name}"
     if source.cfg.sliding_window:
         print(f"phi3jax convert: note: llama.cpp ignores Phi-3's sliding window ({source.cfg.sliding_window}); "
               "sequences longer than it attend further back than in phi3jax or transformers", file=sys.stderr)

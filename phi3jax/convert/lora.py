@@ -174,8 +174,7 @@ def merge_lora(ckpt_path: str | os.PathLike, out: str | os.PathLike, fmt: str = 
     if fmt == "gguf":
         from phi3jax.convert.gguf import load_sentencepiece_tokenizer, write_gguf
 
-        name = os.path.basename(os.path.normpath(run_dir))
-        name = name if any(k in name.lower() for k in ("phi3", "phi-3")) else f"Phi3 {name}"
+        name = os.path.basename(os.path.normpath(run_dir))  # write_gguf makes it general.name (gguf_name)
         if base.cfg.sliding_window:
             print(f"phi3jax convert: note: llama.cpp ignores Phi-3's sliding window ({base.cfg.sliding_window})",
                   file=sys.stderr)

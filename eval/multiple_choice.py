@@ -27,9 +27,10 @@ Tasks:
              of --fewshot-data, joined with blank lines (the harness samples them at random
              from the train split, so K > 0 differs from its numbers in the draw only).
 
-BOS: by default every prompt starts with the BOS token (Phi-3's convention; its chat template
-does the same). lm-evaluation-harness's HF backend adds none for Llama-style tokenizers unless
-asked (`add_bos_token=True`); pass add_bos=False / --no-bos to reproduce that setting.
+BOS: by default every prompt starts with the BOS token (how Phi-3 and train.py's models see
+text). lm-evaluation-harness's HF backend does what the model's tokenizer does (its
+tokenizer_config.json's `add_bos_token`): no BOS for Phi-3's hub checkpoints, whose tokenizers say
+false, so pass add_bos=False / --no-bos to reproduce its scores for them (docs/evaluate.md).
 """
 
 from __future__ import annotations
@@ -341,6 +342,6 @@ def evaluate(params: Params, cfg: Phi3Config, tokenizer: Any, items: Sequence[It
     results = score_items(params, cfg, tokenizer, items, add_bos=add_bos, batch_size=batch_size,
                           max_length=max_length, progress=progress)
     bos = ({"id": tokenizer.bos_id, "convention": "every prompt starts with BOS"} if add_bos
-           else {"id": None, "convention": "no BOS (lm-evaluation-harness's HF default for Llama-style tokenizers)"})
+           else {"id": None, "convention": "no BOS"})
     return {"bos": bos, "acc_norm": "log-likelihood / length of the choice in characters (lm-evaluation-harness)",
             **summarize(results), "questions": results}

@@ -71,6 +71,36 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used, or text that cannot be encoded as asked."""
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _tokens_of_added_tokens_json(path: str, declared: Sequence[AddedToken]) -> list[AddedToken]:
+    """The tokens of added_tokens.json ({content: id}) that `declared` (tokenizer_config.json's
+    added_tokens_decoder) lacks. Phi-3's own tokens keep Phi-3's flags; any other is special."""
+    by_content = {t.content: t for t in declared}
+    by_id = {t.id: t for t in declared}
+    phi3 = {(t.content, t.id): t for t in phi3_added_tokens()}
+    out = []
+    for content, i in _read_json(path).items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise TokenizerError(f"{path}: token {content!r} has id {i!r}; ids must be non-negative integers")
+        known = by_content.get(content) or by_id.get(i)
+        if known is not None and (known.content, known.id) != (content, i):
+            raise TokenizerError(f"{path} gives {content!r} id {i}, but tokenizer_config.json's "
+                                 f"added_tokens_decoder has {known.content!r} as id {known.id}; make the two agree")
+        if known is None:
+            out.append(phi3.get((content, i), AddedToken(content, i, special=True)))
+    return out
+
+
 class Tokenizer:
     """Encode/decode text and render chats for a Phi-3 model."""
 
@@ -119,8 +149,9 @@ class Tokenizer:
         """From a `tokenizer.model` file, a run directory, or a Hugging Face model directory.
 
         A HF directory's tokenizer_config.json supplies the added tokens (with their rstrip
-        flags) and the chat template. A bare Phi-3 `tokenizer.model` (32000 pieces) gets Phi-3's
-        added tokens.
+        flags) and the chat template; added_tokens.json ({content: id}, the older layout) adds
+        the tokens it names. A bare Phi-3 `tokenizer.model` (32000 pieces) gets Phi-3's added
+        tokens.
         """
         path = os.fspath(path)
         directory = path if os.path.isdir(path) else os.path.dirname(path)
@@ -129,12 +160,14 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.model in {path!r}; a run directory or Hugging Face "
                                     "directory must hold the SentencePiece model")
         config_file = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+        added_file = os.path.join(directory, "added_tokens.json")
+        if os.path.isfile(config_file) or os.path.isfile(added_file):
+            config = _read_json(config_file) if os.path.isfile(config_file) else {}
             added = [AddedToken(t["content"], int(i), bool(t.get("special", True)), bool(t.get("rstrip", False)),
                                 bool(t.get("lstrip", False)))
                      for i, t in config.get("added_tokens_decoder", {}).items()]
+            if os.path.isfile(added_file):
+                added += _tokens_of_added_tokens_json(added_file, added)
             template = config.get("chat_template")
             if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
                 template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -197,10 +230,13 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of `ids`; added tokens render as their strings unless skip_special."""
+        """Text of `ids` (a list or a 1-D array); added tokens render as their strings unless skip_special."""
         out: list[str] = []
         run: list[int] = []
         for i in ids:
+            if getattr(i, "ndim", 0) != 0 or isinstance(i, Sequence):
+                raise TokenizerError("decode takes one sequence of token ids, not a batch: decode each row, e.g. "
+                                     "[tok.decode(row) for row in generate(...)]")
             i = int(i)
             tok = self._by_id.get(i)
             if tok is None and i < self.sp.get_piece_size():

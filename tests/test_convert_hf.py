@@ -195,3 +195,116 @@ def test_exported_tokenizer_of_a_trained_sentencepiece_model(tmp_path):
              "a<|endoftext|> b", "<unk> and <s> are single tokens", ""]
     for text in texts:
         assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+
+
+# ------------------------------------------------------------------------------ BOS conventions
+def _phi3_tokenizer_config(directory, **extra) -> None:
+    """A tokenizer_config.json as Phi-3's hub checkpoints have it (added tokens, LlamaTokenizer)."""
+    added = Tokenizer.phi3(directory / "tokenizer.model").added
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<unk>", "legacy": False, **extra,
+        "added_tokens_decoder": {str(t.id): {"content": t.content, "rstrip": t.rstrip, "special": t.special}
+                                 for t in added}}))
+
+
+def _auto_tokenizer_ids(directory, text: str) -> list[int]:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(directory)(text)["input_ids"]
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_an_export_keeps_its_sources_bos_convention(tmp_path, add_bos):
+    """HF source (add_bos_token false as Phi-3's hub tokenizers, or true) -> run -> HF: AutoTokenizer, and
+    so lm-evaluation-harness, TRL and vLLM, prepend BOS exactly as they do for the source."""
+    make_phi3_hf_dir(tmp_path / "hf")
+    _phi3_tokenizer_config(tmp_path / "hf", add_bos_token=add_bos, add_eos_token=False)
+    hf_to_orbax(tmp_path / "hf", tmp_path / "run")
+    orbax_to_hf(tmp_path / "run", tmp_path / "out", dtype="float32")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is add_bos
+    ids = Tokenizer.load(str(tmp_path / "run")).encode("Hello world")
+    assert _auto_tokenizer_ids(tmp_path / "out", "Hello world") == ([1] if add_bos else []) + ids
+    # The exported tokenizer.json alone (as tokenizers-only tools read it) agrees.
+    from tokenizers import Tokenizer as FastTokenizer
+
+    fast = FastTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert fast.encode("Hello world").ids == ([1] if add_bos else []) + ids
+
+
+def test_an_export_of_a_model_trained_from_scratch_adds_bos_and_keeps_it(tmp_path, phi3_vocab):
+    """train.py's models train with BOS before every document (data.add_bos, default true): their
+    export says add_bos_token true, and converting that export back and out again keeps it."""
+    cfg = Phi3Config.preset("tiny", vocab_size=32064, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            pad_token_id=32000, eos_token_id=32000)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(0, 0.05, a.shape).astype(a.dtype), abstract_params(cfg))
+    run = tmp_path / "run"
+    os.makedirs(run)
+    # What train.py writes: the resolved config (data section, no init_from) and its tokenizer.
+    ckpt.write_yaml(str(run / ckpt.CONFIG_FILE), {"model": ckpt.model_fields(cfg), "init_from": None,
+                                                  "data": {"format": "text", "add_bos": True, "add_eos": True}})
+    (run / "tokenizer.model").write_bytes((phi3_vocab / "tokenizer.model").read_bytes())
+    ckpt.save_params(str(run), 3, params, cfg)
+    orbax_to_hf(run, tmp_path / "out", dtype="float32")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    ids = Tokenizer.load(str(run)).encode("Hello world")
+    assert _auto_tokenizer_ids(tmp_path / "out", "Hello world") == [1, *ids]
+    hf_to_orbax(tmp_path / "out", tmp_path / "run2")
+    orbax_to_hf(tmp_path / "run2", tmp_path / "out2", dtype="float32")
+    assert _auto_tokenizer_ids(tmp_path / "out2", "Hello world") == [1, *ids]
+
+
+def test_bos_convention_of_run_directories(tmp_path, phi3_vocab):
+    from phi3jax.convert.hf_tokenizer import bos_convention
+
+    def run(name, config, tokenizer_config=None):
+        directory = tmp_path / name
+        os.makedirs(directory)
+        ckpt.write_yaml(str(directory / ckpt.CONFIG_FILE), {"model": {}, **config})
+        if tokenizer_config is not None:
+            (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        return str(directory)
+
+    # From scratch: what it was trained with, whatever tokenizer files it was given.
+    assert bos_convention(run("scratch", {"data": {"add_bos": False}}, {"add_bos_token": True}))[0] is False
+    assert bos_convention(run("scratch_default", {"data": {}}))[0] is True
+    # Fine-tuned from a hub checkpoint: the source's convention (its tokenizer_config.json, copied).
+    tuned = run("tuned", {"init_from": "hf:/models/phi3", "data": {"add_bos": True}}, {"add_bos_token": False})
+    adds, why = bos_convention(tuned)
+    assert adds is False and "add_bos_token false" in why
+    # Converted by hf-to-orbax from a directory that states nothing: transformers' Llama default.
+    assert bos_convention(run("converted", {}))[0] is True
+
+
+# ------------------------------------------------------------------------- added_tokens.json
+def test_a_source_declaring_its_added_tokens_only_in_added_tokens_json_converts(tmp_path):
+    """Issue 20: `<|endoftext|>` (eos = pad = 32000) only in added_tokens.json, a valid HF layout."""
+    make_phi3_hf_dir(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<unk>"}))
+    (tmp_path / "hf" / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 32000}))
+    tok = Tokenizer.load(str(tmp_path / "hf"))
+    assert tok.eos_id == tok.pad_id == 32000 and tok.vocab_size == 32064
+    hf_to_orbax(tmp_path / "hf", tmp_path / "run")
+    orbax_to_hf(tmp_path / "run", tmp_path / "out", dtype="float32")
+    import transformers
+
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert auto.eos_token_id == auto.pad_token_id == auto.convert_tokens_to_ids("<|endoftext|>") == 32000
+    assert auto.bos_token_id == 1 and auto.unk_token_id == 0
+    text = "Hello world<|endoftext|> again"
+    assert auto(text)["input_ids"] == Tokenizer.load(str(tmp_path / "run")).encode(text) == tok.encode(text)
+    assert 32000 in tok.encode(text)
+
+
+def test_added_tokens_json_that_contradicts_tokenizer_config_is_named(tmp_path, phi3_vocab):
+    from phi3jax.tokenizer import TokenizerError
+
+    (tmp_path / "tokenizer.model").write_bytes((phi3_vocab / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {"32000": {"content": "<|endoftext|>", "special": True}}}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 32001}))
+    with pytest.raises(TokenizerError, match=r"added_tokens\.json gives '<\|endoftext\|>' id 32001"):
+        Tokenizer.load(str(tmp_path))

@@ -141,6 +141,20 @@ def test_orbax_checkpoint_not_matching_its_config_is_named(src, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("direction", ["hf-to-orbax", "orbax-to-hf"])
+def test_a_special_id_no_token_has_is_refused_before_anything_is_written(src, tmp_path, capsys, direction):
+    """Issue 20: eos = pad = 32000 while the tokenizer declares no token 32000 (a tokenizer_config.json
+    without added tokens, no added_tokens.json). One line naming the id, and no output at all."""
+    source = tmp_path / ("hf" if direction == "hf-to-orbax" else "run")
+    shutil.copytree(src / source.name, source)
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    flag = "--hf-dir" if direction == "hf-to-orbax" else "--ckpt"
+    assert main(["convert", direction, flag, str(source), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "eos_token_id 32000 is not a token of its tokenizer" in err and "added_tokens.json" in err, err
+    assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
+
 # ----------------------------------------------------------------- atomic, never overwrite
 @pytest.mark.parametrize("direction", ["hf-to-orbax", "orbax-to-hf", "to-gguf"])
 def test_existing_output_is_kept_without_force_and_replaced_with_it(src, tmp_path, capsys, direction):

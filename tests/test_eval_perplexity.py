@@ -158,3 +158,35 @@ def test_missing_data_file_and_missing_checkpoint(tmp_path, capsys, model_dir):
         assert main(["eval", "perplexity", flag, str(tmp_path / "missing-run"), "--data", str(data)]) == 2
         err = capsys.readouterr().err
         assert str(tmp_path / "missing-run") in err and ("does not exist" in err or "is not a directory" in err)
+
+
+def test_bos_field_says_which_flag_reproduces_lm_eval_for_this_model(model_dir, tmp_path, capsys):
+    """lm-evaluation-harness adds BOS as the model's tokenizer_config.json says: Phi-3's hub checkpoints
+    say add_bos_token false, so --no-bos reproduces it for them; a directory that states nothing gets
+    transformers' Llama default (BOS), which phi3jax's default reproduces."""
+    import shutil
+
+    from phi3jax.tokenizer import Tokenizer
+
+    hub = tmp_path / "hub"
+    shutil.copytree(model_dir, hub)
+    added = Tokenizer.phi3(hub / "tokenizer.model").added
+    (hub / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "tokenizer_class": "LlamaTokenizer",
+        "added_tokens_decoder": {str(t.id): {"content": t.content, "rstrip": t.rstrip} for t in added}}))
+    data = tmp_path / "doc.txt"
+    data.write_text(DOCS[1])
+    bos = {}
+    for name, directory, flags in (("hub", hub, []), ("hub --no-bos", hub, ["--no-bos"]), ("plain", model_dir, [])):
+        out = tmp_path / "r.json"
+        assert main(["eval", "perplexity", "--hf-dir", str(directory), "--data", str(data), "--json", str(out),
+                     "--no-progress", *flags]) == 0
+        bos[name] = json.loads(out.read_text())["bos"]
+        bos[name]["printed"] = capsys.readouterr().out
+    assert bos["hub"]["model_adds_bos"] is False and bos["hub"]["matches_lm_eval_default"] is False
+    assert "add_bos_token false" in bos["hub"]["model_adds_bos_from"]
+    assert bos["hub"]["lm_eval_default"] == "no BOS: reproduced by --no-bos"
+    assert "unlike lm-evaluation-harness's default for this model, no BOS: reproduced by --no-bos" in \
+        bos["hub"]["printed"]
+    assert bos["hub --no-bos"]["id"] is None and bos["hub --no-bos"]["matches_lm_eval_default"] is True
+    assert bos["plain"]["model_adds_bos"] is True and bos["plain"]["matches_lm_eval_default"] is True

@@ -76,7 +76,10 @@ def add_cli(subparsers: Any) -> None:
 def _add_common(p: argparse.ArgumentParser, default_batch: int | None) -> None:
     p.add_argument("--batch-size", type=int, default=default_batch,
                    help="rows per jitted batch" + ("" if default_batch else " (default: 8192 tokens' worth)"))
-    p.add_argument("--no-bos", action="store_true", help="do not prefix the BOS token (default: prefix it)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prefix the BOS token (default: prefix it); lm-evaluation-harness adds none for a "
+                        "model whose tokenizer says add_bos_token false, as Phi-3's hub checkpoints do (the "
+                        "report's bos field says which applies)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -95,10 +98,28 @@ def _model_source(args: argparse.Namespace) -> dict[str, Any]:
     return {"ckpt": args.ckpt} if args.ckpt else {"hf_dir": args.hf_dir}
 
 
+def _bos_vs_hf(args: argparse.Namespace, add_bos: bool) -> dict[str, Any]:
+    """Whether HF tooling prepends BOS for this model (lm-evaluation-harness's default: the
+    HF directory itself, or a run's `phi3jax convert orbax-to-hf` export), and the flag that matches it."""
+    from phi3jax.convert.hf_tokenizer import bos_convention
+    from phi3jax.train.checkpoint import resolve_checkpoint
+
+    adds, why = bos_convention(args.hf_dir or resolve_checkpoint(args.ckpt)[0])
+    return {"model_adds_bos": adds, "model_adds_bos_from": why,
+            "lm_eval_default": "BOS: reproduced without --no-bos" if adds else "no BOS: reproduced by --no-bos",
+            "matches_lm_eval_default": adds == add_bos}
+
+
+def _bos_line(bos: dict[str, Any]) -> str:
+    same = "as" if bos["matches_lm_eval_default"] else "unlike"
+    return f"{bos['convention']} ({same} lm-evaluation-harness's default for this model, {bos['lm_eval_default']})"
+
+
 def run_perplexity(args: argparse.Namespace) -> int:
     from phi3jax.eval.perplexity import perplexity_of_texts, read_documents
 
     texts = read_documents(args.data, args.text_key)
+    hf_bos = _bos_vs_hf(args, not args.no_bos)
     cfg, params, tokenizer = load_model(args)
     start = time.perf_counter()
     result = perplexity_of_texts(params, cfg, tokenizer, texts, add_bos=not args.no_bos, seq_len=args.seq_len,
@@ -107,13 +128,14 @@ def run_perplexity(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     report = {"task": "perplexity", "model": _model_source(args), "data": args.data, **result.to_dict(),
               "seconds": seconds}
+    report["bos"].update(hf_bos)
     print(f"documents      {result.documents}\n"
           f"tokens         {result.tokens}\n"
           f"mean NLL       {result.mean_nll:.6f} nats/token\n"
           f"perplexity     {result.perplexity:.4f}\n"
           f"bits per byte  {result.bits_per_byte:.4f}\n"
           f"windows        {result.windows} (seq_len {result.seq_len}, stride {result.stride})\n"
-          f"BOS            {report['bos']['convention']}\n"
+          f"BOS            {_bos_line(report['bos'])}\n"
           f"time           {seconds:.1f}s ({result.tokens / seconds:.0f} tokens/s, compilation included)")
     _write_json(args.json, report)
     return 0
@@ -125,6 +147,7 @@ def run_multiple_choice(args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     items = load_task(args.task, args.data, shots=args.shots, limit=args.limit, subjects=subjects,
                       split=args.split, fewshot_data=args.fewshot_data)
+    hf_bos = _bos_vs_hf(args, not args.no_bos)
     cfg, params, tokenizer = load_model(args)
     start = time.perf_counter()
     report = evaluate(params, cfg, tokenizer, items, add_bos=not args.no_bos, batch_size=args.batch_size,
@@ -132,7 +155,8 @@ def run_multiple_choice(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     report = {"task": args.task, "model": _model_source(args), "data": args.data, "shots": args.shots,
               **report, "seconds": seconds}
-    print(f"{args.task}, {args.shots}-shot, {len(items)} questions, BOS: {report['bos']['convention']}")
+    report["bos"].update(hf_bos)
+    print(f"{args.task}, {args.shots}-shot, {len(items)} questions, BOS: {_bos_line(report['bos'])}")
     print(format_table(report))
     o = report["overall"]
     print(f"acc {o['acc']:.4f} ± {o['acc_stderr']:.4f}   acc_norm {o['acc_norm']:.4f} ± {o['acc_norm_stderr']:.4f}"

@@ -265,21 +265,25 @@ def write_hf_directory(source: ParamSource, directory: str | os.PathLike, dtype:
     """A directory that transformers' from_pretrained (and, with `tokenizer_dir`, AutoTokenizer) loads.
 
     config.json, generation_config.json (eos = the config's eos plus `stop_tokens`), safetensors
-    shards of at most `max_shard_bytes` with an index, and the tokenizer of `tokenizer_dir`. Built
-    under a temporary name and renamed into place when complete.
+    shards of at most `max_shard_bytes` with an index, and the tokenizer of `tokenizer_dir` (built
+    and checked against the config first). Built under a temporary name and renamed into place
+    when complete.
     """
     target = np_dtype(dtype)
     cfg = source.cfg.replace(dtype=target.name, param_dtype=target.name)
+    tokenizer = None
+    if tokenizer_dir is not None:
+        from phi3jax.convert.hf_tokenizer import HFTokenizerFiles
+
+        tokenizer = HFTokenizerFiles(tokenizer_dir, cfg)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         config = cfg.to_hf_dict()
         config["torch_dtype"] = target.name
         write_json(os.path.join(tmp, "config.json"), config)
         write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg, stop_tokens))
         write_hf_tensors(source.hf_tensors(), cfg, tmp, target, max_shard_bytes, progress=progress)
-        if tokenizer_dir is not None:
-            from phi3jax.convert.hf_tokenizer import save_hf_tokenizer
-
-            save_hf_tokenizer(tokenizer_dir, tmp, cfg)
+        if tokenizer is not None:
+            tokenizer.write(tmp)
     return cfg
 
 

@@ -14,7 +14,13 @@ transformers (4.x and 5.x) loads as it is:
   Added tokens are matched on the raw text first, so every plain-text piece between them gets its
   own dummy prefix, and rstrip tokens swallow the whitespace after them: Tokenizer.encode's rules;
 * added tokens: `Tokenizer.added` with their ids, special and rstrip/lstrip flags;
-* post-processor: BOS first, as `Tokenizer.encode(add_bos=True)`.
+* post-processor: BOS first, as `Tokenizer.encode(add_bos=True)`, or nothing, matching
+  tokenizer_config.json's `add_bos_token`.
+
+BOS: an export behaves in HF tooling (AutoTokenizer, so lm-evaluation-harness, TRL, vLLM) as the
+model it came from (`bos_convention`): a model from a Hugging Face checkpoint keeps its source's
+`add_bos_token` (Phi-3's hub tokenizers say false: no BOS), and so does a fine-tune of one; a model
+trained from scratch by train.py says what it was trained with (`data.add_bos`, true by default).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 
 from phi3jax.config import Phi3Config
 from phi3jax.tokenizer import Tokenizer
+from phi3jax.train import checkpoint as ckpt
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
@@ -60,8 +67,9 @@ def bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in merges]
 
 
-def build_tokenizer_json(tok: Tokenizer) -> Any:
-    """A `tokenizers.Tokenizer` equivalent to `tok` (see the module docstring)."""
+def build_tokenizer_json(tok: Tokenizer, add_bos: bool = True) -> Any:
+    """A `tokenizers.Tokenizer` equivalent to `tok` (see the module docstring); its post-processor
+    prepends BOS when `add_bos`."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
     from tokenizers import Tokenizer as FastTokenizer
 
@@ -103,9 +111,12 @@ def build_tokenizer_json(tok: Tokenizer) -> Any:
                                       *([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])])
     fast.add_special_tokens([AddedToken(t.content, single_word=False, lstrip=t.lstrip, rstrip=t.rstrip,
                                         normalized=False, special=t.special) for t in tok.added])
-    bos = token_content(tok, tok.bos_id)
-    fast.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                                        special_tokens=[(bos, tok.bos_id)])
+    if add_bos:
+        bos = token_content(tok, tok.bos_id)
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)])
+    else:  # what transformers writes for a Llama tokenizer with add_bos_token false
+        fast.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     for t in tok.added:
         if fast.token_to_id(t.content) != t.id:
             raise TokenizerExportError(f"added token {t.content!r} would get id {fast.token_to_id(t.content)} "
@@ -115,7 +126,13 @@ def build_tokenizer_json(tok: Tokenizer) -> Any:
 
 def token_content(tok: Tokenizer, i: int) -> str:
     """The text of token id i: an added token's content, else its SentencePiece piece."""
-    return next((t.content for t in tok.added if t.id == i), None) or tok.sp.id_to_piece(i)
+    content = next((t.content for t in tok.added if t.id == i), None)
+    if content is not None:
+        return content
+    if not 0 <= i < tok.sp.get_piece_size():
+        raise TokenizerExportError(f"token id {i} is neither a SentencePiece piece (0-{tok.sp.get_piece_size() - 1}) "
+                                   "nor an added token")
+    return tok.sp.id_to_piece(i)
 
 
 def unk_id(tok: Tokenizer) -> int:
@@ -130,17 +147,55 @@ def special_tokens(tok: Tokenizer, cfg: Phi3Config | None = None) -> dict[str, s
             "unk_token": token_content(tok, unk_id(tok)), "pad_token": token_content(tok, pad_id)}
 
 
-def tokenizer_config(tok: Tokenizer, cfg: Phi3Config | None = None, base: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def check_special_ids(tok: Tokenizer, cfg: Phi3Config, directory: str) -> None:
+    """Every special id the model config names (bos, eos, pad) must be a token of `tok`."""
+    pieces = tok.sp.get_piece_size()
+    added = {t.id for t in tok.added}
+    named = [("bos_token_id", cfg.bos_token_id), *(("eos_token_id", e) for e in cfg.eos_token_id),
+             ("pad_token_id", cfg.pad_token_id)]
+    for name, i in named:
+        if i is not None and not (0 <= i < pieces or i in added):
+            beyond = sorted(a for a in added if a >= pieces)
+            raise TokenizerExportError(
+                f"{directory}: the model config's {name} {i} is not a token of its tokenizer ({pieces} SentencePiece "
+                f"pieces, added tokens {beyond or 'none'} above them); declare it in tokenizer_config.json's "
+                "added_tokens_decoder or in added_tokens.json, or fix the id")
+
+
+def bos_convention(directory: str) -> tuple[bool, str]:
+    """(whether HF tooling prepends BOS for the model in `directory`, a run or HF directory; why).
+
+    A run trained from scratch by train.py: its `data.add_bos`, how it was trained. Otherwise the
+    `add_bos_token` of tokenizer_config.json (an HF checkpoint's own, or the copy a converted or
+    fine-tuned run keeps); where unstated, true: transformers' Llama tokenizer, which a bare
+    tokenizer.model loads as, adds BOS by default.
+    """
+    run_config = os.path.join(directory, ckpt.CONFIG_FILE)
+    if os.path.isfile(run_config):
+        run = ckpt.read_run_config(directory)
+        if isinstance(run.get("data"), dict) and not run.get("init_from"):
+            add = bool(run["data"].get("add_bos", True))
+            return add, f"trained from scratch with data.add_bos {json.dumps(add)} ({run_config})"
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            value = json.load(f).get("add_bos_token")
+        if isinstance(value, bool):
+            return value, f"add_bos_token {json.dumps(value)} in {config_file}"
+    return True, f"{directory} states no add_bos_token; transformers' Llama tokenizer adds BOS by default"
+
+
+def tokenizer_config(tok: Tokenizer, cfg: Phi3Config | None = None, base: dict[str, Any] | None = None,
+                     add_bos: bool = True) -> dict[str, Any]:
     """tokenizer_config.json: `base` (the source's own, if any) with every key that decides
-    tokenisation replaced by `tok`'s."""
+    tokenisation replaced by `tok`'s, and `add_bos_token` set to `add_bos`."""
     out = {k: v for k, v in (base or {}).items()
            if k not in ("tokenizer_class", "auto_map", "legacy", "add_prefix_space", "sp_model_kwargs",
                         "use_default_system_prompt", "spaces_between_special_tokens")}
     out.update(special_tokens(tok, cfg))
     out.update({
         "tokenizer_class": TOKENIZER_CLASS,
-        "add_bos_token": True,
+        "add_bos_token": add_bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "chat_template": tok.chat_template,
@@ -164,27 +219,49 @@ def check_tokenizer_dir(directory: str) -> Tokenizer | None:
     return None
 
 
-def save_hf_tokenizer(src_dir: str, out_dir: str, cfg: Phi3Config | None = None) -> None:
-    """Write the HF tokenizer files for the tokenizer in `src_dir` (a run or HF directory) into `out_dir`.
+class HFTokenizerFiles:
+    """The HF tokenizer files for the tokenizer in `src_dir` (a run or HF directory), built and
+    checked in memory, so a `TokenizerExportError` comes before anything is written; `write` writes them.
 
-    A SentencePiece tokenizer gets all four files, generated from `Tokenizer.load(src_dir)`. A
-    tokenizer with only a tokenizer.json (Phi-4-mini's BPE) is copied through unchanged.
+    A SentencePiece tokenizer gets all four files, generated from `Tokenizer.load(src_dir)`, with
+    the BOS convention of `bos_convention(src_dir)`; with `cfg`, the special ids it names are
+    checked against the tokenizer first. A tokenizer with only a tokenizer.json (Phi-4-mini's BPE)
+    is copied through unchanged.
     """
-    tok = check_tokenizer_dir(src_dir)
-    if tok is None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                     "merges.txt", "added_tokens.json"):
-            if os.path.isfile(os.path.join(src_dir, name)):
-                shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
-        return
-    base = None
-    if os.path.isfile(os.path.join(src_dir, "tokenizer_config.json")):
-        with open(os.path.join(src_dir, "tokenizer_config.json"), encoding="utf-8") as f:
-            base = json.load(f)
-    shutil.copyfile(tok.sp_model_path, os.path.join(out_dir, "tokenizer.model"))
-    build_tokenizer_json(tok).save(os.path.join(out_dir, "tokenizer.json"))
-    for name, obj in (("tokenizer_config.json", tokenizer_config(tok, cfg, base)),
-                      ("special_tokens_map.json", special_tokens(tok, cfg))):
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+
+    PASSED_THROUGH = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                      "merges.txt", "added_tokens.json")
+
+    def __init__(self, src_dir: str, cfg: Phi3Config | None = None):
+        self.src_dir = src_dir
+        self.tok = check_tokenizer_dir(src_dir)
+        if self.tok is None:
+            return
+        if cfg is not None:
+            check_special_ids(self.tok, cfg, src_dir)
+        base = None
+        if os.path.isfile(os.path.join(src_dir, "tokenizer_config.json")):
+            with open(os.path.join(src_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+                base = json.load(f)
+        self.add_bos, _ = bos_convention(src_dir)
+        self.fast = build_tokenizer_json(self.tok, self.add_bos)
+        self.json_files = {"tokenizer_config.json": tokenizer_config(self.tok, cfg, base, self.add_bos),
+                           "special_tokens_map.json": special_tokens(self.tok, cfg)}
+
+    def write(self, out_dir: str) -> None:
+        if self.tok is None:
+            for name in self.PASSED_THROUGH:
+                if os.path.isfile(os.path.join(self.src_dir, name)):
+                    shutil.copyfile(os.path.join(self.src_dir, name), os.path.join(out_dir, name))
+            return
+        shutil.copyfile(self.tok.sp_model_path, os.path.join(out_dir, "tokenizer.model"))
+        self.fast.save(os.path.join(out_dir, "tokenizer.json"))
+        for name, obj in self.json_files.items():
+            with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+
+
+def save_hf_tokenizer(src_dir: str, out_dir: str, cfg: Phi3Config | None = None) -> None:
+    """Write the HF tokenizer files for the tokenizer in `src_dir` into `out_dir` (see `HFTokenizerFiles`)."""
+    HFTokenizerFiles(src_dir, cfg).write(out_dir)

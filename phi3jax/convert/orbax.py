@@ -267,12 +267,18 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | 
     """A run directory (config.yaml, tokenizer, checkpoints/<step>/ params) from a HF directory.
 
     dtype: the dtype to store (default: the checkpoint's own). Everything is validated before the
-    output is created; the run directory is built under a temporary name and renamed when complete.
+    output is created (the special ids of config.json against the tokenizer too, which
+    `orbax-to-hf` needs); the run directory is built under a temporary name and renamed when complete.
     """
+    from phi3jax.convert.hf_tokenizer import check_special_ids
+    from phi3jax.tokenizer import Tokenizer
+
     source = HFSource(hf_dir)
     target = np_dtype(dtype) if dtype else source.dtype
     cfg = source.cfg.replace(dtype=target.name, param_dtype=target.name)
-    if not os.path.isfile(os.path.join(source.directory, "tokenizer.model")):
+    if os.path.isfile(os.path.join(source.directory, "tokenizer.model")):
+        check_special_ids(Tokenizer.load(source.directory), cfg, source.directory)
+    else:
         print(f"phi3jax convert: warning: {source.directory} has no tokenizer.model; its tokenizer files are copied "
               "as they are, but phi3jax's own tokenizer (generate, chat, train) needs a SentencePiece model",
               file=sys.stderr)

@@ -7,10 +7,13 @@ a reply of exactly "Hello world" in 3 tokens shows generation stopped at <|end|>
 
 from __future__ import annotations
 
+import builtins
+import io
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +22,7 @@ import pytest
 import sentencepiece as spm
 from testmodels import ASSISTANT, END, HELLO, USER, WORLD, make_hello_world_model, make_run_dir
 
-from phi3jax.cli.chat import ChatSession, TextStreamer
+from phi3jax.cli.chat import EXIT_INTERRUPTED, ChatSession, TextStreamer, chat_loop, interrupt_requests
 from phi3jax.cli.main import main
 from phi3jax.convert.hf import load_hf
 from phi3jax.tokenizer import Tokenizer
@@ -31,6 +34,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def model_dir(tmp_path_factory, phi3_vocab):
     directory = tmp_path_factory.mktemp("hello_world_model") / "hf"
     make_hello_world_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def endless_model_dir(tmp_path_factory, phi3_vocab):
+    """Replies "Hello world Hello world ..." until --max-new-tokens: a reply long enough to interrupt."""
+    directory = tmp_path_factory.mktemp("endless_model") / "hf"
+    make_hello_world_model(directory, endless=True)
     return directory
 
 
@@ -119,6 +130,106 @@ def test_chat_in_a_terminal(model_dir, sp):
     assert "compilation included" in first and "compilation included" not in second  # same shapes reused
 
 
+def _drain(fd: int, timeout: float = 10) -> str:
+    """What the child still writes until it closes the terminal."""
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out.decode(errors="replace")
+
+
+def test_ctrl_c_discards_a_reply_and_ctrl_c_at_the_prompt_leaves(endless_model_dir, sp):
+    """Ctrl-C (SIGINT) mid-reply: one line says the reply is discarded, the prompt comes back and the
+    next turn's prompt has no trace of the half turn. Ctrl-C at the prompt: a newline, exit status 130,
+    no traceback, no "Exception ignored" (a KeyboardInterrupt lost in a garbage-collection callback)."""
+    master, slave = pty.openpty()
+    # A handled SIGINT here starts the child with SIGINT's default action, even where this test runs
+    # with it ignored (as in a background job); an ignored one would be inherited.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "phi3jax", "chat", "--hf-dir", str(endless_model_dir),
+                                 "--max-new-tokens", "900", "--chunk-size", "1"],
+                                stdin=slave, stdout=slave, stderr=slave, env=_subprocess_env(), cwd=REPO,
+                                close_fds=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    os.close(slave)
+    try:
+        _read_until(master, r">>> ", timeout=180)
+        os.write(master, b"hi there\n")
+        _read_until(master, r"Hello world Hello", timeout=180)  # streaming: the reply is under way
+        proc.send_signal(signal.SIGINT)
+        interrupted = _read_until(master, r"\[interrupted; reply discarded\]\r?\n>>> ", timeout=60)
+        os.write(master, b"hi there\n")
+        second = _read_until(master, r"prompt \d+ tokens[^\]]*\][\s\S]*>>> ", timeout=120)
+        proc.send_signal(signal.SIGINT)  # at the prompt
+        assert proc.wait(timeout=60) == EXIT_INTERRUPTED == 130
+        rest = _drain(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    transcript = interrupted + second + rest
+    for bad in ("Traceback", "Exception ignored", "KeyboardInterrupt"):
+        assert bad not in transcript, transcript
+    assert transcript.count("[interrupted; reply discarded]") == 1
+    stats = re.findall(r"\[(\d+) tokens in [^\]]*prompt (\d+) tokens", second)
+    assert stats == [("900", str(expected_prompt_lengths(sp, ["hi there"])[0]))]  # a first turn's prompt again
+    assert rest.startswith("\r\n")  # the prompt's line is ended
+
+
+class _CtrlC(io.StringIO):
+    def readline(self, *args):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_waiting_for_a_message_leaves(monkeypatch, capsys):
+    """Status 130 (the shell's for Ctrl-C), after ending the prompt's line; end of input: status 0."""
+    def ctrl_c(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "input", ctrl_c)
+    assert chat_loop(session=None, interactive=True) == EXIT_INTERRUPTED
+    assert capsys.readouterr().out == "\n"
+    monkeypatch.setattr(sys, "stdin", _CtrlC())
+    assert chat_loop(session=None, interactive=False) == EXIT_INTERRUPTED
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert chat_loop(session=None, interactive=False) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_ctrl_c_during_a_reply_is_recorded_not_raised():
+    """Python would raise KeyboardInterrupt wherever the program is, a gc callback included (where it
+    is printed as "Exception ignored" and lost); during a reply Ctrl-C only sets a flag."""
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_requests() as interrupted:
+        assert not interrupted()
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        time.sleep(0.01)
+        assert interrupted()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_interrupted_reply_leaves_the_history_as_it_was(model_dir):
+    cfg, params = load_hf(model_dir)
+    session = ChatSession(params, cfg, Tokenizer.load(model_dir), max_new_tokens=16, chunk_size=1)
+    session.send("hi there", lambda _: None)
+    history = list(session.messages)
+    writes: list[str] = []
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C once the reply has begun: seen at the next chunk
+        session.send("and again", writes.append, interrupted=lambda: bool(writes))
+    assert writes == ["Hello"] and session.messages == history and session.turns == 1
+    assert session.send("and again", lambda _: None)[0] == "Hello world" and session.turns == 2
+
+
 def test_reply_streams_chunk_by_chunk_and_joins_the_history(model_dir):
     cfg, params = load_hf(model_dir)
     tok = Tokenizer.load(model_dir)
@@ -179,6 +290,18 @@ def test_generate_reads_the_prompt_from_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi"))
     assert main(["generate", "--hf-dir", str(model_dir), "--prompt", "-", "--chat", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == "Hello world\n"
+
+
+def test_generate_checks_a_long_prompt_before_echoing_it(model_dir, capsys, monkeypatch):
+    """`--prompt - < long.txt` with a prompt too long for the context: nothing on stdout, the error
+    on stderr on a line of its own (it used to follow the echoed prompt on the same line)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The for statement is used to iterate. " * 150))
+    assert main(["generate", "--hf-dir", str(model_dir), "--prompt", "-", "--max-new-tokens", "128"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(r"phi3jax generate: error: prompt \(\d+ tokens\) \+ max_new_tokens \(128\) = \d+ exceeds "
+                        r"the model's max_position_embeddings 1024; shorten the prompt or ask for fewer new tokens\n",
+                        captured.err), captured.err
 
 
 def test_a_continuation_keeps_the_space_after_the_prompt(phi3_vocab):

@@ -93,6 +93,26 @@ def test_rows_stop_at_their_stop_token_and_pad_afterwards(tiny):
     assert out.to_lists()[0][-1] == stop
 
 
+def test_output_rows_decode_as_they_are(tiny, phi3_vocab):
+    """out[i] / iterating give each row's new ids without padding, so tokenizer.decode(out[0]) is the
+    text (it used to get the whole padded [B, T] array); a batch handed to decode is a clear error."""
+    from phi3jax.tokenizer import Tokenizer, TokenizerError
+
+    cfg, params = tiny
+    stop = generate(params, cfg, [[5, 6, 7]], max_new_tokens=4, stop_tokens=[])[0][1]
+    out = generate(params, cfg, [[5, 6, 7], [9, 10]], max_new_tokens=12, stop_tokens=[stop])
+    rows = out.to_lists()
+    assert len(out) == 2 and list(out) == rows and [out[0], out[1], out[-1]] == [rows[0], rows[1], rows[1]]
+    assert len(out[0]) == out.lengths[0] < 12 and all(type(t) is int for t in out[0])  # row 0 stopped: no padding
+    tok = Tokenizer.load(phi3_vocab / "tokenizer.model")
+    assert tok.decode(out[0]) == tok.decode(out.tokens[0, : out.lengths[0]]) == tok.decode(rows[0])
+    for batch in (out, out.tokens, rows):
+        with pytest.raises(TokenizerError, match="not a batch: decode each row"):
+            tok.decode(batch)
+    with pytest.raises(TypeError, match=r"index one row with an int .* out\.tokens"):
+        out[0:1]
+
+
 def test_streaming_callback_sees_every_token_once_in_order(tiny):
     cfg, params = tiny
     seen = [[], []]

@@ -35,8 +35,10 @@ def load_torch_model(directory: str | os.PathLike):
     return transformers.Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def make_hello_world_model(directory: str | os.PathLike) -> None:
+def make_hello_world_model(directory: str | os.PathLike, endless: bool = False) -> None:
     """A 1-layer Phi-3 whose greedy reply to any chat prompt is "Hello world<|end|>".
+
+    endless=True: "Hello world Hello world ..." instead, never a stop token (▁world -> ▁Hello).
 
     Attention and MLP outputs are zeroed (o = down = 0), so the residual stream is the token's
     embedding and the next token depends on the current one only: a bigram table. Embeddings
@@ -62,7 +64,10 @@ def make_hello_world_model(directory: str | os.PathLike) -> None:
     head = np.zeros((d, cfg.vocab_size), np.float32)
     head[:, HELLO] = eye[0] + eye[basis[ASSISTANT]] + eye[basis[END]]
     head[:, WORLD] = eye[basis[HELLO]]
-    head[:, END] = eye[basis[WORLD]]
+    if endless:
+        head[:, HELLO] += eye[basis[WORLD]]
+    else:
+        head[:, END] = eye[basis[WORLD]]
     layers = {k: {n: np.asarray(v) for n, v in sub.items()} for k, sub in params["layers"].items()}
     layers["attn"]["o"] = np.zeros_like(layers["attn"]["o"])
     layers["mlp"]["down"] = np.zeros_like(layers["mlp"]["down"])

@@ -10,20 +10,24 @@ new program only when its length crosses a power of two (a bounded, logarithmic 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from phi3jax.cli.common import add_model_source, load_model
-from phi3jax.inference.generate import compiled_programs, generate, inference_params, stop_tokens
+from phi3jax.inference.generate import check_fits, compiled_programs, generate, inference_params, stop_tokens
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
   /system TEXT    set the system prompt and start over
-  /exit, /quit    leave (Ctrl-D works too)
-  /help           this text"""
+  /exit, /quit    leave (so do Ctrl-D, and Ctrl-C at the prompt: exit status 130)
+  /help           this text
+Ctrl-C during a reply stops it and discards it: the conversation keeps neither it nor its message."""
 
 
 class TextStreamer:
@@ -145,16 +149,30 @@ class ChatSession:
                              f"does not fit the model's {self.cfg.max_position_embeddings}-token context")
         return ids
 
-    def send(self, user: str, write: Callable[[str], Any] | None = None) -> tuple[str, TurnStats]:
-        """Stream the reply to `user` through `write`; add both to the history."""
+    def send(self, user: str, write: Callable[[str], Any] | None = None,
+             interrupted: Callable[[], bool] | None = None) -> tuple[str, TurnStats]:
+        """Stream the reply to `user` through `write`; add both to the history.
+
+        `interrupted` is polled after each chunk of decode steps and once more at the end; when it
+        returns True the reply is abandoned with KeyboardInterrupt and the history is left as it was.
+        """
+        interrupted = interrupted or (lambda: False)
         ids = self._fit(user)
         streamer = TextStreamer(self.tokenizer, self.stops, write)
+
+        def on_chunk(new_tokens_per_row: list[list[int]]) -> None:
+            if interrupted():
+                raise KeyboardInterrupt
+            streamer(new_tokens_per_row)
+
         compiled_before = compiled_programs()
         start = time.perf_counter()
         out = generate(self.params, self.cfg, [ids], max_new_tokens=self.max_new_tokens, seed=self.seed + self.turns,
-                       stop_tokens=self.stops, callback=streamer, chunk_size=self.chunk_size,
+                       stop_tokens=self.stops, callback=on_chunk, chunk_size=self.chunk_size,
                        bucket=power_of_two_bucket(len(ids)), **self.sampling)
         seconds = time.perf_counter() - start
+        if interrupted():
+            raise KeyboardInterrupt
         reply = streamer.finish()
         generated = out.to_lists()[0]
         stats = TurnStats(len(ids), len(generated), seconds, bool(generated) and generated[-1] in self.stops,
@@ -198,14 +216,21 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = [tok.encode(tok.apply_chat_template([*system, {"role": "user", "content": p}])) for p in prompts]
     else:
         ids = [tok.encode(p, add_bos=True) for p in prompts]
+    check_fits(cfg, max(len(i) for i in ids), args.max_new_tokens)  # before the prompt is echoed
     stops = stop_tokens(cfg, tok)
     stream = len(prompts) == 1 and not args.no_stream
     streamer = TextStreamer(tok, stops, prefix_ids=[] if args.chat else ids[0]) if stream else None
-    if stream and not args.chat:
+    echoed = stream and not args.chat
+    if echoed:
         _stdout_write(prompts[0])
     start = time.perf_counter()
-    out = generate(params, cfg, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=streamer)
+    try:
+        out = generate(params, cfg, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=streamer)
+    except BaseException:
+        if echoed:  # end the echoed text's line, so an error message starts on a line of its own
+            _stdout_write("\n")
+        raise
     seconds = time.perf_counter() - start
     if streamer is not None:
         streamer.finish()
@@ -236,15 +261,44 @@ def add_chat_cli(subparsers: Any) -> None:
     p.set_defaults(func=run_chat)
 
 
+# Ctrl-C at the prompt leaves with the shell's status for a command ended by Ctrl-C (train.py's too).
+EXIT_INTERRUPTED = 130
+
+
 def _read_line(interactive: bool) -> str | None:
-    if interactive:
-        try:
+    """The next message; None at the end of input (Ctrl-D). Ctrl-C raises KeyboardInterrupt, the line ended."""
+    try:
+        if interactive:
             return input(">>> ")
-        except EOFError:
-            print()
-            return None
-    line = sys.stdin.readline()
+        line = sys.stdin.readline()
+    except EOFError:
+        print()
+        return None
+    except KeyboardInterrupt:
+        if interactive:
+            print()  # the prompt's line, which no Enter ended
+        raise
     return None if line == "" else line.rstrip("\n")
+
+
+@contextlib.contextmanager
+def interrupt_requests() -> Iterator[Callable[[], bool]]:
+    """Within the block, Ctrl-C (SIGINT) is recorded instead of raised; yields a function telling whether it was.
+
+    Python raises KeyboardInterrupt wherever the program happens to be, and one raised inside a
+    callback run by the garbage collector (jax has one) is printed as "Exception ignored" and lost:
+    the reply would go on. The chat loop polls the flag between chunks of decode steps instead.
+    Outside the main thread (where signal handlers cannot be set) Ctrl-C is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: requested.set())
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -253,7 +307,11 @@ def run_chat(args: argparse.Namespace) -> int:
     session = ChatSession(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           chunk_size=args.chunk_size)
-    interactive = sys.stdin.isatty()
+    return chat_loop(session, interactive=sys.stdin.isatty())
+
+
+def chat_loop(session: ChatSession, interactive: bool) -> int:
+    """Answer messages from stdin until /exit or the end of input (status 0), or Ctrl-C at the prompt (130)."""
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -261,7 +319,10 @@ def run_chat(args: argparse.Namespace) -> int:
             pass
     print("phi3jax chat: one message per line; /help for commands, Ctrl-D to quit.", file=sys.stderr)
     while True:
-        line = _read_line(interactive)
+        try:
+            line = _read_line(interactive)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
         if line is None:
             return 0
         message = line.strip()
@@ -283,9 +344,11 @@ def run_chat(args: argparse.Namespace) -> int:
                 print(f"[unknown command {command}; /help lists them]", file=sys.stderr)
             continue
         try:
-            _, stats = session.send(message)
+            with interrupt_requests() as interrupted:
+                _, stats = session.send(message, interrupted=interrupted)
         except KeyboardInterrupt:
-            print("\n[interrupted; reply discarded]", file=sys.stderr)
+            _stdout_write("\n")
+            print("[interrupted; reply discarded]", file=sys.stderr, flush=True)
             continue
         except ValueError as e:  # a message too long for the context: say so and keep chatting
             print(f"[{e}]", file=sys.stderr)

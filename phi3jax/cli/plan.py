@@ -7,8 +7,9 @@ What the compiler reports is what the pod would do:
 
   * per-device memory from the compile's buffer assignment (arguments, outputs, temporaries),
     with parameters, optimiser state and batch broken out from their shardings;
-  * whether that fits the chip's HBM (a step that does not fit fails to compile: the report
-    then carries the compiler's own numbers);
+  * whether that fits the HBM a program may use on the chip: the chip's HBM less what the TPU
+    runtime reserves (15.75 of 16 GiB on v5e), as the compiler reports it; a step that does not
+    fit at all fails to compile, and the report then carries the compiler's own numbers;
   * the step's FLOPs from the compile's cost analysis, and the time they take at peak.
 
 With LoRA (`lora.*` keys, on the command line or in the YAML's `lora:` section) the step is the
@@ -52,13 +53,17 @@ class Chip:
     topology_prefix: str  # what libtpu's topology names start with
     chip_config: str  # 'megacore': one JAX device per chip (two TensorCores fused)
     cores_per_chip_in_name: int  # 'v5p-8' counts TensorCores, 'v5e-8' counts chips
+    usable_hbm_bytes: int | None = None  # what a program may use, when the compiler cannot be asked
 
 
+# usable_hbm_bytes: the HBM the TPU compiler lets one program use per chip ("available HBM" in its
+# out-of-memory error), as libtpu 0.0.x with jax 0.12 reports it for each generation, to the 0.01 GiB
+# it prints. `usable_hbm` asks the compiler itself; these numbers stand in where that fails.
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 3, "v4", "megacore", 2),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 2, "v5e", "default", 1),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 3, "v5p", "megacore", 2),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 2, "v6e", "default", 1),
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 3, "v4", "megacore", 2, int(30.75 * GiB)),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 2, "v5e", "default", 1, int(15.75 * GiB)),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 3, "v5p", "megacore", 2, int(95.73 * GiB)),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 2, "v6e", "default", 1, int(31.24 * GiB)),
 }
 GPUS: dict[str, Chip] = {
     "h100": Chip("NVIDIA H100 80GB", 80 * 10**9, 989e12, 0, "", "", 1),
@@ -155,7 +160,12 @@ def topology_devices(target: Target) -> list[Any]:
                             f"this process has {len(devices)}; run it as a fresh process, or set "
                             f"XLA_FLAGS=--xla_force_host_platform_device_count={target.chips}")
         return devices[: target.chips]
-    from pallas_kernels.aot import tpu_topology  # its import lets several processes load libtpu at once
+    from pallas_kernels.aot import libtpu_available, tpu_topology  # lets several processes load libtpu at once
+
+    if not libtpu_available():
+        raise PlanError("phi3jax plan compiles for TPUs with libtpu, the TPU compiler (no TPU needed), which is "
+                        "not installed: install phi3jax's `tpu` or `dev` extra (pip install -e '.[dev]' in a "
+                        "checkout), or libtpu itself (pip install libtpu)")
 
     shape3 = (*target.shape, 1)[:3]
     host_bounds = tuple(min(s, 2) for s in shape3) if target.chip.dims == 3 else (
@@ -171,6 +181,52 @@ def topology_devices(target: Target) -> list[Any]:
         raise PlanError(f"cannot describe the TPU topology {target.topology_name!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]}). The TPU compiler comes with `pip install libtpu`.") from e
     return list(topo.devices)
+
+
+_AVAILABLE_HBM = re.compile(r"available HBM \(([\d.]+)([KMGT]?)\)|of ([\d.]+)([KMGT]?) hbm")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def reported_hbm_bytes(message: str) -> int | None:
+    """The usable HBM a TPU compiler out-of-memory message states, in bytes (to its 0.01 precision):
+    "... exceeds available HBM (15.75G)", or "Used 16.50G of 15.75G hbm" from older libtpu. None if none."""
+    m = _AVAILABLE_HBM.search(message)
+    if m is None:
+        return None
+    number, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return int(float(number) * _UNITS[unit])
+
+
+def usable_hbm(target: Target, device: Any) -> tuple[int, str]:
+    """The HBM one program may use on each chip of `target`, and where that number comes from.
+
+    On TPU: the chip's HBM less what the runtime reserves. libtpu states it only when a program does
+    not fit, so this compiles one that cannot (a 1 TiB array, in a fraction of a second) and reads the
+    number off the error; failing that, the chip's entry in CHIPS. GPUs: the card's memory.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    chip = target.chip
+    if target.platform != "tpu":
+        return chip.hbm_bytes, "the GPU's memory"
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("chip",)),
+                                          jax.sharding.PartitionSpec())
+    try:
+        jax.jit(lambda: jnp.zeros((2**40,), jnp.int8), out_shardings=sharding).lower().compile()
+    except Exception as e:  # expected: the compiler's out-of-memory error, which names the usable HBM
+        reported = reported_hbm_bytes(str(e))
+        if reported:
+            return reported, "as the TPU compiler reports it"
+    if chip.usable_hbm_bytes is None:
+        return chip.hbm_bytes, "the chip's HBM"
+    return chip.usable_hbm_bytes, f"libtpu's figure for the {chip.name} (phi3jax.cli.plan.CHIPS)"
+
+
+def fits_hbm(peak_bytes: int, usable_bytes: int) -> bool:
+    """A step fits when its compiled peak is within the HBM a program may use (not the chip's whole HBM)."""
+    return peak_bytes <= usable_bytes
 
 
 # ------------------------------------------------------------------------------ config
@@ -326,6 +382,8 @@ class Plan:
     temp_bytes: int | None = None
     code_bytes: int | None = None
     peak_bytes: int | None = None
+    usable_hbm_bytes: int | None = None  # what a program may use per chip: hbm_bytes less the runtime's reserve
+    usable_hbm_source: str | None = None  # where usable_hbm_bytes comes from
     compiler_message: str | None = None
     flops_total: float | None = None  # every matmul of the traced step, layers x their count
     flops_per_device: float | None = None  # flops_total / devices
@@ -413,6 +471,7 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
                 batch_bytes=parallel.sharded_bytes_per_device(abstract_batch),
                 peak_flops=target.chip.peak_bf16_flops, lora=_describe_lora(lora), dpo=_describe_dpo(dpo),
                 reference_bytes=reference_bytes, **frozen_bytes)
+    plan.usable_hbm_bytes, plan.usable_hbm_source = usable_hbm(target, devices[0])
     # The mesh is made of the target's devices, so attention_impl=auto picks what that hardware
     # runs (the Pallas kernels on TPU), not what this CPU machine would run.
     # The Mosaic lowering asks for the TPU generation: from the abstract mesh when no TPU is attached.
@@ -444,7 +503,7 @@ def make_plan(inputs: PlanInputs, target: Target, mesh_override: Mapping[str, An
         plan.code_bytes = int(mem.generated_code_size_in_bytes)
         plan.peak_bytes = (plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
                            + plan.code_bytes)
-        plan.fits = plan.peak_bytes <= target.chip.hbm_bytes
+        plan.fits = fits_hbm(plan.peak_bytes, plan.usable_hbm_bytes)
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -479,6 +538,14 @@ def _attention_for(cfg: Any, mesh: Any, seq: int) -> str:
 # ------------------------------------------------------------------------------ report
 def _gb(n: int | float | None) -> str:
     return "-" if n is None else f"{n / GiB:8.3f} GiB"
+
+
+def _hbm(plan: Plan) -> str:
+    """'15.750 GiB usable (of 16.000 GiB HBM, as the TPU compiler reports it)', or the HBM alone."""
+    if plan.usable_hbm_bytes is None or plan.usable_hbm_bytes == plan.hbm_bytes:
+        return f"{_gb(plan.hbm_bytes).strip()} HBM"
+    return (f"{_gb(plan.usable_hbm_bytes).strip()} usable (of {_gb(plan.hbm_bytes).strip()} HBM, "
+            f"{plan.usable_hbm_source})")
 
 
 def format_plan(plan: Plan) -> str:
@@ -522,11 +589,11 @@ def format_plan(plan: Plan) -> str:
             f"  temporaries (activations, grads){_gb(plan.temp_bytes)}",
             f"  outputs not aliased to inputs   {_gb(plan.output_bytes - plan.alias_bytes)}",
             f"  program                         {_gb(plan.code_bytes)}",
-            f"  peak                            {_gb(plan.peak_bytes)}  of {_gb(plan.hbm_bytes).strip()} HBM: "
+            f"  peak                            {_gb(plan.peak_bytes)}  of {_hbm(plan)}: "
             + ("fits" if plan.fits else "DOES NOT FIT"),
         ]
     else:
-        lines.append(f"  DOES NOT FIT in {_gb(plan.hbm_bytes).strip()} HBM: {plan.compiler_message}")
+        lines.append(f"  DOES NOT FIT in {_hbm(plan)}: {plan.compiler_message}")
     if plan.flops_total is not None:
         tokens = plan.batch * plan.seq
         lines += [

@@ -19,8 +19,9 @@ the whole buffer with long factors, and decoding carries on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -45,12 +46,33 @@ class DecodeState(NamedTuple):
     rng: jax.Array
 
 
-class GenerateOutput(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """The new tokens of each prompt (the prompt itself is not repeated).
+
+    `out[i]` is row i's new ids as a list, without padding (a final stop token included), ready for
+    `tokenizer.decode(out[i], skip_special=True)`; iterating gives every row, `len(out)` their count,
+    and `to_lists()` all of them at once. `tokens` and `lengths` are the arrays underneath.
+    """
+
     tokens: np.ndarray  # [B, max_new_tokens] generated ids, padded after a row stops
     lengths: np.ndarray  # [B] generated tokens per row (a final stop token included)
 
     def to_lists(self) -> list[list[int]]:
+        """Each row's new ids, without padding."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, row: int) -> list[int]:
+        if not isinstance(row, int | np.integer):
+            raise TypeError(f"GenerateOutput[{row!r}]: index one row with an int (out[0] is the first prompt's new "
+                            "ids); the padded [batch, max_new_tokens] array is out.tokens")
+        return self.tokens[row, : int(self.lengths[row])].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.to_lists())
 
 
 def init_cache(cfg: Phi3Config, batch: int, max_len: int) -> KVCache:
@@ -155,6 +177,17 @@ def _reprefill(params: Params, cfg: Phi3Config, state: DecodeState, stop_ids: ja
     return state._replace(step=state.step + 1)
 
 
+def check_fits(cfg: Phi3Config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise ValueError unless a prompt of `prompt_tokens` plus `max_new_tokens` fits the model's context."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = prompt_tokens + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                         f"model's max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or ask "
+                         "for fewer new tokens")
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -188,6 +221,7 @@ def generate(params: Params, cfg: Phi3Config, prompt_tokens: Any, max_new_tokens
     tokens of every row (a list per row), for streaming. Prompt and cache sizes are rounded
     up to multiples of `bucket` so repeated calls reuse compiled programs. mesh: the Mesh the
     parameters are laid out on (None: one device).
+    Returns a `GenerateOutput`: `out[i]` is prompt i's new ids, `tokenizer.decode(out[i])` their text.
     """
     prompts = _as_prompt_list(prompt_tokens)
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -195,12 +229,7 @@ def generate(params: Params, cfg: Phi3Config, prompt_tokens: Any, max_new_tokens
         raise ValueError("every prompt needs at least one token (e.g. the BOS token)")
     for p in prompts:
         check_tokens(p[None], cfg.vocab_size)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    total = int(lengths.max()) + max_new_tokens
-    if total > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    check_fits(cfg, int(lengths.max()), max_new_tokens)
     sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
     stops = tuple(cfg.eos_token_id if stop_tokens is None else stop_tokens)
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)

@@ -89,7 +89,7 @@ def _bool(text: str) -> bool:
 
 # (file, phrase with named groups, {group: (config key, parse)}). `\s+` lets a phrase wrap lines.
 RECIPE_PHRASES = [
-    ("README.md", r"trains a (?P<vocab>\d+)k-piece SentencePiece\s+vocabulary",
+    ("README.md", r"trains a (?P<vocab>\d+)k-piece SentencePiece\s+(?:BPE\s+)?vocabulary",
      {"vocab": ("data.vocab_size", _thousands)}),
     ("README.md", r"saves\s+`runs/tiny/checkpoints/(?P<steps>\d+)/`", {"steps": ("steps", int)}),
     ("README.md", r'python train\.py && phi3jax generate --ckpt runs/tiny --prompt "(?P<prompt>[^"]*)"',

@@ -242,9 +242,12 @@ def test_frozen_means_frozen_only_the_adapters_are_trained_held_and_saved(tmp_pa
         from phi3jax.convert.orbax import OrbaxSource
 
         OrbaxSource(result.run_dir)
-    # Resuming with other LoRA settings is refused.
-    with pytest.raises(TrainConfigError, match="same lora settings"):
+    # Resuming with other LoRA settings is refused, even with resume.allow_changes (other adapter shapes).
+    with pytest.raises(TrainConfigError, match="lora.rank: 4 -> 8"):
         loop.train(_lora_config(tmp_path / "lora", corpus, base_run, lora={"rank": 8}, steps=10))
+    with pytest.raises(TrainConfigError, match="same lora settings"):
+        loop.train(_lora_config(tmp_path / "lora", corpus, base_run, lora={"rank": 8}, steps=10,
+                                resume={"allow_changes": True}))
 
 
 def test_killed_lora_run_resumes_bit_for_bit(tmp_path, corpus, base_run):

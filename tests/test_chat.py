@@ -87,7 +87,9 @@ def test_chat_over_stdin_pipe_keeps_history_and_stops_at_end(model_dir, sp, tmp_
     assert "[conversation cleared]" in proc.stderr
 
 
-def _read_until(fd: int, pattern: str, timeout: float) -> str:
+def _read(fd: int, timeout: float, pattern: str | None = None) -> str | None:
+    """What the child writes to the terminal until `pattern` matches (then the text so far), or until it
+    closes the terminal or `timeout` passes (then the text so far if no pattern was given, else None)."""
     out, deadline = b"", time.time() + timeout
     while time.time() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.5)
@@ -99,9 +101,15 @@ def _read_until(fd: int, pattern: str, timeout: float) -> str:
             if not chunk:
                 break
             out += chunk
-            if re.search(pattern, out.decode(errors="replace")):
+            if pattern is not None and re.search(pattern, out.decode(errors="replace")):
                 return out.decode(errors="replace")
+    if pattern is None:
+        return out.decode(errors="replace")
     raise AssertionError(f"timed out waiting for {pattern!r}; got {out.decode(errors='replace')!r}")
+
+
+def _read_until(fd: int, pattern: str, timeout: float) -> str:
+    return _read(fd, timeout, pattern)
 
 
 def test_chat_in_a_terminal(model_dir, sp):
@@ -132,18 +140,7 @@ def test_chat_in_a_terminal(model_dir, sp):
 
 def _drain(fd: int, timeout: float = 10) -> str:
     """What the child still writes until it closes the terminal."""
-    out, deadline = b"", time.time() + timeout
-    while time.time() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out.decode(errors="replace")
+    return _read(fd, timeout)
 
 
 def test_ctrl_c_discards_a_reply_and_ctrl_c_at_the_prompt_leaves(endless_model_dir, sp):

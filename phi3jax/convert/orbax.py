@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from phi3jax.config import Phi3Config
 from phi3jax.convert.files import atomic_directory, progress_bar
@@ -40,16 +41,9 @@ def _keys_by_path(cfg: Phi3Config) -> dict[str, Key]:
     return {f"layers/{k.leaf}" if k.per_layer else k.leaf: k for k in hf_keys(cfg)}
 
 
-def _leaf_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _leaf_paths(tree: Any) -> dict[str, Any]:
     """'a/b/c' -> leaf of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_leaf_paths(value, path + "/"))
-        else:
-            out[path] = value
-    return out
+    return flatten_dict(dict(tree), sep="/")
 
 
 def _ts_context(use_ocdbt: bool) -> Any:

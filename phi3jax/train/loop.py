@@ -324,7 +324,9 @@ def _setup(cfg: TrainConfig, run_dir: str) -> Run:
         saved_data = rundir.read_data_identity(run_dir)
         changes = rundir.config_changes(ckpt.read_run_config(run_dir), resolved_config(cfg, saved_model, run_dir))
         changes += rundir.data_changes(saved_data, identity) if saved_data is not None else []
-        rundir.check_resume(run_dir, changes, cfg.resume.allow_changes)
+        accepted = rundir.check_resume(run_dir, changes, cfg.resume.allow_changes)
+        if accepted and process_index == 0:
+            print(accepted, flush=True)
     mesh = _mesh_for(cfg)
     lora, frozen, adapters = cfg.lora, None, None
     if lora is not None:
@@ -448,11 +450,12 @@ def _reference(cfg: TrainConfig, model_cfg: Phi3Config, mesh: Any, run_dir: str,
         return None, tables
     weights = start()
     logps_step = state_lib.make_logps_step(model_cfg, mesh, lora)
+    rows = parallel.process_batch_rows(mesh, cfg.batch_size)
     tables = {}
     for split, data in splits.items():
         table = np.zeros((len(data.pairs) and max(p.index for p in data.pairs) + 1, 2), np.float64)
         for batch in preference.eval_batches(data.pairs, seq_len=cfg.seq_len, batch_size=cfg.batch_size):
-            local = {k: v[parallel.process_batch_rows(mesh, cfg.batch_size)] for k, v in batch.items()}
+            local = {k: v[rows] for k, v in batch.items()}
             logps, _ = logps_step(weights, parallel.put_batch(preference.with_reference(local, None), mesh,
                                                               cfg.batch_size), frozen)
             preference.record_logps(np.asarray(logps), batch, len(table), out=table)

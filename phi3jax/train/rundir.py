@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from phi3jax.train.config import TrainConfigError
 
@@ -143,24 +144,13 @@ def _read_lock(path: str) -> tuple[dict[str, Any] | None, float]:
 
 
 # ----------------------------------------------------------------------------- what a resume may change
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _changeable(key: str) -> bool:
     return any(key == c or key.startswith(c + ".") for c in CHANGEABLE)
 
 
 def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """'key: saved -> new' for every key of two resolved configs that differs and changes the run."""
-    a, b = _flatten(saved), _flatten(new)
+    a, b = flatten_dict(dict(saved), sep="."), flatten_dict(dict(new), sep=".")
     return [f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}" for key in sorted(set(a) | set(b))
             if not _changeable(key) and a.get(key) != b.get(key)]
 
@@ -207,16 +197,16 @@ def data_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return changes
 
 
-def check_resume(run_dir: str, changes: list[str], allow: bool) -> None:
-    """Refuse (ResumeChanged) a resume with `changes` unless `allow`; with it, say what changed."""
+def check_resume(run_dir: str, changes: list[str], allow: bool) -> str | None:
+    """Refuse (ResumeChanged) a resume with `changes` unless `allow`; with it, the message saying what changed."""
     if not changes:
-        return
+        return None
     listed = "\n".join(f"  {c}" for c in changes)
     if not allow:
         raise ResumeChanged(f"run_dir {run_dir} holds a run whose settings differ from this command's:\n{listed}\n"
                             f"Resume with the saved settings, train into another run_dir, or accept the "
                             f"changes with {ALLOW_KEY}")
-    print(f"resuming {run_dir} with changes ({ALLOW_KEY}):\n{listed}", flush=True)
+    return f"resuming {run_dir} with changes ({ALLOW_KEY}):\n{listed}"
 
 
 def read_data_identity(run_dir: str) -> dict[str, Any] | None:
